@@ -1,0 +1,3 @@
+from rmkit.cli import main
+
+main()

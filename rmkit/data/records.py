@@ -1,0 +1,116 @@
+"""The canonical preference record and its JSONL storage.
+
+One record = one prompt with two or more responses and a score per response (higher is
+preferred, equal scores are ties and carry no preference). A pair is the two-response case;
+DSP's five responses to a query can be kept as one ranked group.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from rmkit.errors import RmkitError
+from rmkit.io import atomic_write_jsonl
+
+DOMAINS = ("academy", "business", "entertainment", "literature")
+DSP_KEYS = DOMAINS + ("normal",)
+
+
+@dataclass(frozen=True)
+class Record:
+    """prompt: the text before the responses (already in its dialogue template, ending where the
+    response starts); responses: the candidate continuations; scores: one per response."""
+
+    prompt: str
+    responses: tuple[str, ...]
+    scores: tuple[float, ...]
+    source: str = ""
+    domain: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """Every ordered (better, worse) index pair with a strict score difference."""
+        n = len(self.responses)
+        return [(i, j) for i in range(n) for j in range(n) if self.scores[i] > self.scores[j]]
+
+    def preferred(self) -> int | None:
+        """Index of the unique best response, or None when the top score is shared."""
+        top = max(self.scores)
+        best = [i for i, s in enumerate(self.scores) if s == top]
+        return best[0] if len(best) == 1 else None
+
+    def to_json(self) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "prompt": self.prompt,
+            "responses": list(self.responses),
+            "scores": list(self.scores),
+            "source": self.source,
+            "domain": self.domain,
+        }
+        if self.meta:
+            row["meta"] = self.meta
+        return row
+
+    @staticmethod
+    def from_json(row: Any, where: str) -> "Record":
+        """Validate one canonical row; `where` names the file and line for error messages."""
+        if not isinstance(row, dict):
+            raise RmkitError(f"expected a JSON object, got {type(row).__name__}", where=where,
+                             hint="each line of a canonical file is one record object")
+        missing = [k for k in ("prompt", "responses", "scores") if k not in row]
+        if missing:
+            raise RmkitError(f"missing field(s) {', '.join(missing)}", where=where,
+                             hint="a canonical record has prompt, responses, scores (and optional source, domain); "
+                                  "convert other formats with `rmkit data convert`")
+        prompt, responses, scores = row["prompt"], row["responses"], row["scores"]
+        if not isinstance(prompt, str):
+            raise RmkitError(f"field 'prompt' must be a string, got {type(prompt).__name__}", where=where)
+        if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+            raise RmkitError("field 'responses' must be a list of strings", where=where)
+        if not isinstance(scores, list) or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
+            raise RmkitError("field 'scores' must be a list of numbers", where=where)
+        if len(responses) < 2:
+            raise RmkitError(f"a record needs at least 2 responses, got {len(responses)}", where=where)
+        if len(responses) != len(scores):
+            raise RmkitError(f"{len(responses)} responses but {len(scores)} scores", where=where,
+                             hint="give exactly one score per response")
+        domain = row.get("domain")
+        if domain is not None and not isinstance(domain, str):
+            raise RmkitError("field 'domain' must be a string or null", where=where)
+        source = row.get("source", "")
+        if not isinstance(source, str):
+            raise RmkitError("field 'source' must be a string", where=where)
+        meta = row.get("meta") or {}
+        return Record(prompt, tuple(responses), tuple(float(s) for s in scores), source, domain, meta)
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """Yield (line_number, parsed_object) for each non-blank line; bad JSON names file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise RmkitError(f"no such file: {path}", hint="check the path (relative paths are resolved from the current folder)")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RmkitError(f"invalid JSON: {e.msg} (column {e.colno})", where=f"{path}:{lineno}",
+                                 hint="each line must be one complete JSON object") from None
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """Read a canonical JSONL file written by rmkit (or by hand in the same shape)."""
+    records = [Record.from_json(obj, where=f"{path}:{lineno}") for lineno, obj in iter_jsonl(path)]
+    if not records:
+        raise RmkitError(f"{path} holds no records", hint="the file is empty; check how it was produced")
+    return records
+
+
+def write_records(path: str | Path, records: Iterable[Record]) -> int:
+    """Atomically write records as canonical JSONL; returns how many were written."""
+    return atomic_write_jsonl(path, (r.to_json() for r in records))

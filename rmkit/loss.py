@@ -1,0 +1,57 @@
+"""Losses and accuracy for reward training: pure functions of tensors, no model, no state.
+
+Notation: r = rewards [N]; (b_k, w_k), k = 1..P, the (better, worse) row pairs of a batch.
+
+  ranking   = 1/P * sum_k  -log sigmoid(r[b_k] - r[w_k] - margin)      (Bradley-Terry NLL)
+  imitation = lm_loss_sum / lm_tokens                                   (token-mean NLL)
+  total     = ranking_weight * ranking + imitation_weight * imitation
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def ranking_loss(rewards: torch.Tensor, better: torch.Tensor, worse: torch.Tensor,
+                 margin: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """Mean over pairs of -logsigmoid(r_b - r_w - margin).
+
+    No pairs (e.g. every record tied) gives 0 that still depends on `rewards`, so backward
+    runs and every rank takes part in the gradient reduction.
+    """
+    if better.numel() == 0:
+        return rewards.sum() * 0.0
+    diff = rewards[better].float() - rewards[worse].float() - margin
+    return -F.logsigmoid(diff).mean()
+
+
+def imitation_loss(lm_loss_sum: torch.Tensor | None, lm_tokens: int) -> torch.Tensor:
+    """Token-mean next-token NLL: lm_loss_sum / lm_tokens (0 when there are no targets;
+    with padding chunks from lm_min_chunks the 0 keeps lm_head in the graph)."""
+    if lm_loss_sum is None:
+        return torch.zeros(())
+    return lm_loss_sum / max(int(lm_tokens), 1)
+
+
+def pair_accuracy(rewards: torch.Tensor, better: torch.Tensor, worse: torch.Tensor) -> tuple[int, int]:
+    """(correct, total): a pair is correct only when r_b > r_w strictly; equal rewards count
+    wrong, so a constant model scores 0, not 50%."""
+    if better.numel() == 0:
+        return 0, 0
+    correct = int((rewards[better] > rewards[worse]).sum())
+    return correct, int(better.numel())
+
+
+def combine(ranking: torch.Tensor, imitation: torch.Tensor, ranking_weight: float,
+            imitation_weight: float) -> torch.Tensor:
+    """ranking_weight * ranking + imitation_weight * imitation.
+
+    A term with weight 0 stays in the graph as exactly 0 (NaN replaced first), so every
+    parameter still receives a gradient (equal reductions on every rank) and a NaN in an
+    unused term cannot leak into the total.
+    """
+    def term(loss: torch.Tensor, weight: float) -> torch.Tensor:
+        return loss * weight if weight else torch.nan_to_num(loss) * 0.0
+
+    return term(ranking, ranking_weight) + term(imitation, imitation_weight).to(ranking.device)

@@ -1,0 +1,322 @@
+"""The reward model: a causal-LM decoder, a scalar head, and the LM head kept for imitation.
+
+rewards = score(pool(decoder(input_ids))), with pooling read from the attention mask, so left
+and right padding give the same reward. The causal LM's head stays attached: the imitation
+loss (the paper's LM loss on the preferred response) is computed only on target positions, in
+checkpointed chunks, so full [tokens, vocab] logits never exist.
+
+A reward model saves as a Hugging Face `<Arch>ForSequenceClassification` folder that
+`AutoModelForSequenceClassification.from_pretrained` loads with the same rewards (pooling
+"last"/"eos"), or as a plain causal-LM folder (the BLT stage output).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from rmkit.errors import RmkitError
+from rmkit.io import atomic_file, atomic_write_json, atomic_write_text
+
+POOLINGS = ("last", "eos", "mean", "max")
+IGNORE_INDEX = -100
+LM_HEAD_FILE = "lm_head.safetensors"  # an untied LM head beside a reward folder's weights
+MAX_SHARD_SIZE = "2GB"
+
+
+@dataclass
+class RewardOutput:
+    """rewards: [N] float32. lm_loss_sum: summed next-token NLL over the imitation targets
+    (None when no targets were given); lm_tokens: how many targets it sums over."""
+
+    rewards: torch.Tensor
+    lm_loss_sum: torch.Tensor | None
+    lm_tokens: int
+
+
+def _sequence_arch(causal_arch: str) -> str:
+    stem = causal_arch[: -len("ForCausalLM")] if causal_arch.endswith("ForCausalLM") else causal_arch
+    return stem + "ForSequenceClassification"
+
+
+def _causal_arch(arch: str) -> str:
+    for suffix in ("ForSequenceClassification", "ForCausalLM"):
+        if arch.endswith(suffix):
+            return arch[: -len(suffix)] + "ForCausalLM"
+    return arch
+
+
+def _safetensor_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    return [path / "model.safetensors"] if (path / "model.safetensors").is_file() else []
+
+
+def _read_tensors(files: list[Path], keys: list[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    found: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for k in keys:
+                if k in st.keys():
+                    found[k] = st.get_tensor(k)
+    return found
+
+
+class RewardModel(nn.Module):
+    """Decoder (`base_model`) + scalar head (`score`) + the causal LM head (`lm_head`)."""
+
+    def __init__(self, causal_lm: Any, pooling: str = "last", head_seed: int = 0) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise RmkitError(f"unknown pooling {pooling!r}", hint=f"choose one of {', '.join(POOLINGS)}")
+        self.pooling = pooling
+        self.config = causal_lm.config
+        self.generation_config = getattr(causal_lm, "generation_config", None)
+        self.base_prefix: str = causal_lm.base_model_prefix
+        self.base_model = getattr(causal_lm, self.base_prefix)
+        self.lm_head = causal_lm.get_output_embeddings()
+        self.lm_head_name = next(n for n, m in causal_lm.named_modules() if m is self.lm_head)
+        self.causal_arch = _causal_arch((self.config.architectures or [type(causal_lm).__name__])[0])
+        if not self.causal_arch.endswith("ForCausalLM"):
+            self.causal_arch = type(causal_lm).__name__
+        text = self.config.get_text_config()
+        hidden = text.hidden_size
+        weight = next(self.base_model.parameters())
+        self.score = nn.Linear(hidden, 1, bias=False, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(head_seed)
+            self.score.weight.copy_(torch.randn((1, hidden), generator=g) / math.sqrt(hidden + 1))
+        # Arch-specific logit transforms the causal LM's forward applies after lm_head.
+        self._softcap = getattr(text, "final_logit_softcapping", None)
+        self._logit_scale = getattr(text, "logit_scale", None)
+        self._logits_scaling = getattr(text, "logits_scaling", None)
+
+    # ---- loading -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, pooling: str | None = None, dtype: torch.dtype = torch.float32,
+                        head_seed: int = 0, trust_remote_code: bool = False) -> "RewardModel":
+        """Load a causal-LM folder (new head, seeded) or a reward folder (its head and pooling).
+
+        pooling=None takes the reward folder's saved pooling, else "last". A pooling that
+        contradicts the folder's is an error: its head was trained for the other one.
+        Local files and safetensors only; SDPA attention.
+        """
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        path = Path(path)
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
+        arch = (config.architectures or [""])[0]
+        is_reward = arch.endswith("ForSequenceClassification") or hasattr(config, "rmkit_pooling")
+        saved_pooling = getattr(config, "rmkit_pooling", None) or ("last" if is_reward else None)
+        if pooling is None:
+            pooling = saved_pooling or "last"
+        elif saved_pooling is not None and pooling != saved_pooling:
+            raise RmkitError(f"{path} was trained with pooling {saved_pooling!r}, not {pooling!r}",
+                             hint=f"set pooling to {saved_pooling!r} (or leave it unset) for this checkpoint")
+        kwargs = dict(dtype=dtype, local_files_only=True, use_safetensors=True,
+                      trust_remote_code=trust_remote_code, attn_implementation="sdpa")
+        if not is_reward:
+            causal = AutoModelForCausalLM.from_pretrained(str(path), config=config, **kwargs)
+            return cls(causal, pooling=pooling, head_seed=head_seed)
+
+        if config.num_labels != 1:
+            raise RmkitError(f"{path} is a classifier with {config.num_labels} labels, not a reward model",
+                             hint="a reward folder has num_labels 1 (one scalar score)")
+        causal_config = copy.deepcopy(config)
+        causal_config.architectures = [_causal_arch(arch)] if arch else None
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # score.weight is "unexpected" for the causal class
+        try:
+            causal = AutoModelForCausalLM.from_pretrained(str(path), config=causal_config, **kwargs)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        model = cls(causal, pooling=pooling, head_seed=head_seed)
+        files = _safetensor_files(path)
+        head = _read_tensors(files, ["score.weight", "score.bias"])
+        if "score.weight" not in head:
+            raise RmkitError(f"{path} has no score.weight", hint="is this a reward folder saved by rmkit?")
+        if "score.bias" in head:
+            raise RmkitError(f"{path} has a score head with a bias; rmkit's head has none",
+                             hint="convert the checkpoint or train a new head from its causal LM")
+        with torch.no_grad():
+            model.score.weight.copy_(head["score.weight"].reshape(model.score.weight.shape))
+        if not model.tied and (path / LM_HEAD_FILE).is_file():
+            lm = _read_tensors([path / LM_HEAD_FILE], [f"{model.lm_head_name}.weight"])
+            with torch.no_grad():
+                model.lm_head.weight.copy_(lm[f"{model.lm_head_name}.weight"])
+        return model
+
+    @property
+    def tied(self) -> bool:
+        """Whether the LM head shares its weight with the input embeddings."""
+        return self.lm_head.weight is self.base_model.get_input_embeddings().weight
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        """Recompute decoder activations in backward (memory for compute)."""
+        self.base_model.gradient_checkpointing_enable(**kwargs)
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None, lm_labels: torch.Tensor | None = None,
+                lm_chunk_size: int = 1024, lm_min_chunks: int = 0) -> RewardOutput:
+        """Rewards for every row, plus the imitation NLL sum when lm_labels has targets.
+
+        lm_labels[i, t] is the token expected at position t (-100 = none); the hidden state at
+        t-1 predicts it. lm_min_chunks: under ZeRO-3 pass the largest chunk count over ranks
+        (all_reduce MAX of ceil(targets / lm_chunk_size)), so every rank calls lm_head equally
+        often (its weight is gathered collectively) and every rank gives it a gradient; the
+        padding chunks add exactly 0.
+        """
+        if position_ids is None:
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids, use_cache=False)
+        hidden = out[0]
+        rewards = self.score(self._pool(hidden, attention_mask)).squeeze(-1).float()
+        lm_loss_sum, lm_tokens = self._lm_loss(hidden, lm_labels, lm_chunk_size, lm_min_chunks)
+        return RewardOutput(rewards, lm_loss_sum, lm_tokens)
+
+    def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.bool()
+        if self.pooling in ("last", "eos"):
+            # Last attended position (argmax returns the first max of position * mask).
+            positions = torch.arange(hidden.shape[1], device=hidden.device)
+            last = (positions * mask).argmax(-1)
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        m = mask.unsqueeze(-1)
+        if self.pooling == "mean":
+            # where(), not multiply: padded positions may hold NaN under left padding.
+            total = torch.where(m, hidden, 0).float().sum(1)
+            return (total / m.sum(1).clamp(min=1)).to(hidden.dtype)
+        return hidden.masked_fill(~m, float("-inf")).max(1).values
+
+    def _lm_loss(self, hidden: torch.Tensor, lm_labels: torch.Tensor | None, chunk: int,
+                 min_chunks: int) -> tuple[torch.Tensor | None, int]:
+        if lm_labels is None:
+            return None, 0
+        if chunk < 1:
+            raise ValueError(f"lm_chunk_size must be >= 1, got {chunk}")
+        targets = lm_labels[:, 1:]
+        selected = targets != IGNORE_INDEX
+        n = int(selected.sum())
+        if n == 0 and min_chunks <= 0:
+            return None, 0
+        h = hidden[:, :-1][selected]  # [n, H]: only the positions that predict a target
+        y = targets[selected]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        n_chunks = 0
+        for start in range(0, n, chunk):
+            total = total + checkpoint(self._ce_sum, h[start:start + chunk], y[start:start + chunk],
+                                       use_reentrant=False)
+            n_chunks += 1
+        for _ in range(n_chunks, min_chunks):  # keep lm_head calls equal across ranks
+            dummy = hidden.new_zeros((1, hidden.shape[-1]))
+            total = total + 0.0 * checkpoint(self._ce_sum, dummy, y.new_zeros((1,)), use_reentrant=False)
+        return total, n
+
+    def _ce_sum(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(h)  # the module, so ZeRO-3 hooks gather its weight
+        if self._logit_scale is not None:
+            logits = logits * self._logit_scale
+        if self._logits_scaling is not None:
+            logits = logits / self._logits_scaling
+        logits = logits.float()
+        if self._softcap is not None:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return F.cross_entropy(logits, y, reduction="sum")
+
+    # ---- saving --------------------------------------------------------------------------
+    def save_pretrained(self, out_dir: str | Path, kind: str = "reward", tokenizer: Any = None,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write a Hugging Face folder into out_dir (the caller makes it atomic).
+
+        kind="reward": `<Arch>ForSequenceClassification` (num_labels 1, pad_token_id,
+        rmkit_pooling), keys `<prefix>.*` + `score.weight`; an untied LM head goes to
+        lm_head.safetensors so imitation can continue from this folder. kind="causal": a plain
+        causal-LM folder. state_dict: full weights with this module's keys (base_model.*,
+        lm_head.*, score.weight), e.g. gathered from ZeRO-3; default this module's own.
+        """
+        if kind not in ("reward", "causal"):
+            raise ValueError(f"kind must be 'reward' or 'causal', got {kind!r}")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        sd = self.state_dict() if state_dict is None else state_dict
+        tensors = {f"{self.base_prefix}.{k[len('base_model.'):]}": v
+                   for k, v in sd.items() if k.startswith("base_model.")}
+        head = {f"{self.lm_head_name}.{k[len('lm_head.'):]}": v for k, v in sd.items() if k.startswith("lm_head.")}
+        config = copy.deepcopy(self.config)
+        text = config.get_text_config()
+        pad_id = tokenizer.pad_token_id if tokenizer is not None else text.pad_token_id
+        if pad_id is not None:
+            text.pad_token_id = int(pad_id)
+            if text is not config:
+                config.pad_token_id = int(pad_id)
+
+        if kind == "reward":
+            if "score.weight" not in sd:
+                raise ValueError("state_dict has no score.weight")
+            tensors["score.weight"] = sd["score.weight"]
+            config.architectures = [_sequence_arch(self.causal_arch)]
+            config.num_labels = 1
+            config.rmkit_pooling = self.pooling
+            if not self.tied:
+                _write_safetensors(out / LM_HEAD_FILE, head)
+        else:
+            config.architectures = [self.causal_arch]
+            if "rmkit_pooling" in config.__dict__:
+                del config.rmkit_pooling
+            if not self.tied:
+                tensors.update(head)
+            if self.generation_config is not None:
+                gen = self.generation_config.to_dict()
+                if pad_id is not None:
+                    gen["pad_token_id"] = int(pad_id)
+                atomic_write_json(out / "generation_config.json", gen)
+        floating = [v for v in tensors.values() if v.is_floating_point()]
+        if floating:
+            config.dtype = floating[0].dtype
+        _write_weights(out, tensors)
+        atomic_write_text(out / "config.json", config.to_json_string(use_diff=True))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    # clone: safetensors refuses tensors that share storage (tied weights, views).
+    return t.detach().to("cpu").contiguous().clone()
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save
+
+    data = save({k: _cpu(v) for k, v in tensors.items()}, metadata={"format": "pt"})
+    with atomic_file(path, "wb") as f:
+        f.write(data)
+
+
+def _write_weights(out: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """model.safetensors, or shards of at most MAX_SHARD_SIZE plus the index HF expects."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(tensors, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=MAX_SHARD_SIZE)
+    for filename, keys in split.filename_to_tensors.items():
+        _write_safetensors(out / filename, {k: tensors[k] for k in keys})
+    if split.is_sharded:
+        atomic_write_json(out / "model.safetensors.index.json",
+                          {"metadata": {"total_size": split.metadata.get("total_size")},
+                           "weight_map": split.tensor_to_filename})

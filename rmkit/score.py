@@ -1,0 +1,105 @@
+"""Batched reward scoring of canonical records, shared by the training loop and `rmkit eval`.
+
+Records are encoded once; batches are grouped by length; every rank scores its shard and all
+ranks run the same number of forwards (ZeRO-3 gathers parameters collectively per forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rmkit.data.collate import EncodedRecord, collate
+
+
+@dataclass
+class SetResult:
+    """Figures for one eval set: accuracy over pairs (ties excluded), margins, groups."""
+
+    correct: int = 0
+    pairs: int = 0
+    ties_skipped: int = 0
+    margin_sum: float = 0.0
+    groups: int = 0
+    groups_all_correct: int = 0
+    groups_top2_correct: int = 0
+    length_correct: int = 0
+    truncated: int = 0
+    records: int = 0
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.tensor([self.correct, self.pairs, self.ties_skipped, self.margin_sum, self.groups,
+                             self.groups_all_correct, self.groups_top2_correct, self.length_correct,
+                             self.truncated, self.records], dtype=torch.float64)
+
+    @staticmethod
+    def from_tensor(t: torch.Tensor) -> "SetResult":
+        v = t.tolist()
+        return SetResult(int(v[0]), int(v[1]), int(v[2]), float(v[3]), int(v[4]), int(v[5]), int(v[6]),
+                         int(v[7]), int(v[8]), int(v[9]))
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.pairs if self.pairs else float("nan")
+
+    def summary(self) -> dict[str, float]:
+        p = max(1, self.pairs)
+        g = max(1, self.groups)
+        return {"accuracy": self.accuracy, "pairs": self.pairs, "mean_margin": self.margin_sum / p,
+                "length_baseline": self.length_correct / p if self.pairs else float("nan"),
+                "ties_skipped": self.ties_skipped, "truncated": self.truncated, "records": self.records,
+                "group_all_pairs_acc": self.groups_all_correct / g if self.groups else float("nan"),
+                "group_top2_acc": self.groups_top2_correct / g if self.groups else float("nan")}
+
+
+def tally(result: SetResult, enc: EncodedRecord, rewards: list[float], char_lengths: list[int]) -> None:
+    """Add one record's rewards to the running figures."""
+    scores = enc.scores
+    n = len(scores)
+    result.records += 1
+    result.truncated += int(enc.truncated)
+    all_ok = True
+    for i in range(n):
+        for j in range(n):
+            if scores[i] > scores[j]:
+                result.pairs += 1
+                ok = rewards[i] > rewards[j]
+                result.correct += int(ok)
+                all_ok &= ok
+                result.margin_sum += rewards[i] - rewards[j]
+                result.length_correct += int(char_lengths[i] > char_lengths[j])
+            elif i < j and scores[i] == scores[j]:
+                result.ties_skipped += 1
+    if n > 2:
+        result.groups += 1
+        result.groups_all_correct += int(all_ok)
+        top = sorted(range(n), key=lambda k: -scores[k])[:2]
+        if scores[top[0]] > scores[top[1]]:
+            result.groups_top2_correct += int(rewards[top[0]] > rewards[top[1]])
+
+
+@torch.no_grad()
+def score_shard(model: torch.nn.Module, encoded: list[EncodedRecord], batch_size: int, pad_id: int,
+                padding_side: str, rank: int, world: int, device: torch.device) -> list[tuple[int, list[float]]]:
+    """Score this rank's share of records; returns (record index, rewards). Every rank makes the
+    same number of forward calls (short ranks repeat a batch and drop its output)."""
+    order = sorted(range(len(encoded)), key=lambda i: -max(len(encoded[i].prompt_ids) + len(r) for r in encoded[i].response_ids))
+    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    mine = batches[rank::world]
+    n_calls = (len(batches) + world - 1) // world
+    out: list[tuple[int, list[float]]] = []
+    for c in range(n_calls):
+        ids = mine[c] if c < len(mine) else batches[0]
+        batch = collate([encoded[i] for i in ids], pad_id=pad_id, padding_side=padding_side)
+        res = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                    position_ids=batch.position_ids.to(device))
+        if c >= len(mine):
+            continue
+        rewards = res.rewards.float().cpu().tolist()
+        pos = 0
+        for i in ids:
+            k = len(encoded[i].response_ids)
+            out.append((i, rewards[pos:pos + k]))
+            pos += k
+    return out

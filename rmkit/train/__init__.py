@@ -1,0 +1,1 @@
+"""Training: recipe -> run directory -> `deepspeed` launcher -> per-rank worker -> loop."""

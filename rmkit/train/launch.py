@@ -1,0 +1,134 @@
+"""Recipe -> run directory -> the `deepspeed` launcher command, and starting it.
+
+The launcher is a parameter (`runner`), so tests can assert the argv without starting anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+from rmkit.checkpoint import list_checkpoints
+from rmkit.console import console
+from rmkit.errors import RmkitError
+from rmkit.recipe import Recipe, dump_recipe
+from rmkit.train.rundir import RunPlan, plan_run, write_run_dir
+
+LOCK_FILE = ".lock"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_command(recipe: Recipe, plan: RunPlan, resume: bool, port: int | None = None) -> list[str]:
+    """The exact `deepspeed` argv: one process per GPU (or per requested CPU process)."""
+    launch = recipe.launch
+    procs = plan.world_size // launch.nodes
+    cmd = ["deepspeed", "--num_gpus", str(procs), "--num_nodes", str(launch.nodes)]
+    if launch.hostfile:
+        cmd += ["--hostfile", launch.hostfile]
+    cmd += ["--master_port", str(launch.master_port or port or free_port())]
+    cmd += ["--module", "rmkit.train.worker", str(plan.run_dir)]
+    if resume:
+        cmd.append("--resume")
+    return cmd
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One run per directory: a second `rmkit train` on the same folder refuses to start."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            raise RmkitError(f"{run_dir} is in use by a running training (pid {holder})",
+                             hint="wait for it to finish, or set train.output_dir to another folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def _default_runner(cmd: list[str]) -> int:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    bindir = Path(sys.executable).parent
+    if (bindir / "deepspeed").exists():
+        cmd = [str(bindir / "deepspeed"), *cmd[1:]]
+    return subprocess.call(cmd, env=env)
+
+
+def train(recipe: Recipe, resume: bool = False, dry_run: bool = False,
+          runner: Callable[[list[str]], int] = _default_runner) -> int:
+    """Validate everything, write the run directory, start the launcher; returns its exit code."""
+    plan = plan_run(recipe)
+    if dry_run:
+        cmd = launcher_command(recipe, plan, resume, port=recipe.launch.master_port or 29500)
+        console.print("[bold]launcher command[/]")
+        console.print(shlex.join(cmd), soft_wrap=True, markup=False)
+        console.print(f"[bold]resolved recipe[/] (world size {plan.world_size}, gradient accumulation "
+                      f"{plan.grad_accum}, precision {plan.precision})")
+        console.print(dump_recipe(recipe), markup=False)
+        return 0
+    run_dir = plan.run_dir
+    with run_lock(run_dir):
+        done = (run_dir / "final" / "meta.json").exists()
+        if resume:
+            if not (run_dir / "run.json").exists():
+                raise RmkitError(f"nothing to resume in {run_dir}", hint="start it without --resume")
+            if done:
+                console.print(f"{run_dir} already finished; final model in {run_dir / 'final'}")
+                return 0
+            _check_same_recipe(recipe, run_dir)
+        else:
+            if list_checkpoints(run_dir) or done:
+                raise RmkitError(f"{run_dir} already holds a run",
+                                 hint="continue it with --resume, or set train.output_dir to a new folder "
+                                      "(--set train.output_dir=...)")
+            manifest = write_run_dir(recipe, plan)
+            _print_plan(recipe, plan, manifest)
+        cmd = launcher_command(recipe, plan, resume)
+        console.print("[dim]" + shlex.join(cmd) + "[/]", soft_wrap=True)
+        code = runner(cmd)
+    return 2 if code == 2 else code
+
+
+def _check_same_recipe(recipe: Recipe, run_dir: Path) -> None:
+    import json
+
+    from rmkit.io import sha256_text
+
+    info = json.loads((run_dir / "run.json").read_text())
+    if sha256_text(dump_recipe(recipe)) != info.get("recipe_sha256"):
+        raise RmkitError(f"the recipe differs from the one {run_dir} was started with",
+                         hint=f"resume with the same recipe and --set values (see {run_dir / 'recipe.yaml'})")
+
+
+def _print_plan(recipe: Recipe, plan: RunPlan, manifest: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{recipe.stage} data", show_lines=False)
+    for col in ("source", "format", "split", "records", "pairs", "taken", "dropped"):
+        t.add_column(col)
+    for s in manifest["train"]:
+        dropped = ", ".join(f"{k}: {v}" for k, v in s["dropped"].items()) or "-"
+        t.add_row(s["path"], s["format"], s["split"], str(s["records"]), str(s["pairs"]), str(s["taken"]), dropped)
+    for name, s in manifest["eval"].items():
+        t.add_row(f"eval {name}: {s['path']}", s["format"], s["split"], str(s["records"]), str(s["pairs"]), "-",
+                  ", ".join(f"{k}: {v}" for k, v in s["dropped"].items()) or "-")
+    console.print(t)
+    console.print(f"{manifest['train_records']} train records ({manifest['train_pairs']} pairs), world size "
+                  f"{plan.world_size}, gradient accumulation {plan.grad_accum}, precision {plan.precision}")

@@ -1,0 +1,228 @@
+"""Build a run directory from a validated recipe: the only thing the worker reads.
+
+RUN/
+  recipe.yaml        the resolved recipe (overrides applied, ${ENV} expanded)
+  ds_config.json     the DeepSpeed config: ZeRO settings from ds_configs/ + batch, lr, precision
+  data/train.jsonl   the training records (converted, split, sliced, mixed) in canonical form
+  data/eval-NAME.jsonl
+  data/manifest.json every source: path, sha256, format, records read/kept/dropped by reason
+  run.json           stage, domain, parent checkpoint, world size, model path, hashes
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rmkit import __version__
+from rmkit.data.records import Record, write_records
+from rmkit.errors import RmkitError
+from rmkit.io import atomic_write_json, atomic_write_text, sha256_file, sha256_text
+from rmkit.recipe import Recipe, SourceSpec, dump_recipe, resolve_ds_config_path
+
+META_FILE = "meta.json"
+
+
+@dataclass
+class RunPlan:
+    run_dir: Path
+    world_size: int
+    grad_accum: int
+    precision: str
+    model_path: Path
+    parent_meta: dict[str, Any] | None
+
+
+def output_dir(recipe: Recipe) -> Path:
+    return Path(recipe.train.output_dir.replace("{domain}", recipe.domain or "none"))
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def read_parent_meta(model_path: Path) -> dict[str, Any] | None:
+    meta = model_path / META_FILE
+    if not meta.exists():
+        return None
+    try:
+        return json.loads(meta.read_text())
+    except json.JSONDecodeError as e:
+        raise RmkitError(f"unreadable checkpoint metadata: {e.msg}", where=str(meta),
+                         hint="the checkpoint is damaged; point model.path at another checkpoint") from None
+
+
+def check_parent(recipe: Recipe, model_path: Path) -> dict[str, Any] | None:
+    """CRFT must continue from a GRFT checkpoint; the chain is read from the parent's meta.json."""
+    meta = read_parent_meta(model_path) if model_path.is_dir() else None
+    if recipe.stage == "crft":
+        if meta is None or meta.get("stage") != "grft":
+            found = "no rmkit meta.json" if meta is None else f"a '{meta.get('stage')}' checkpoint"
+            raise RmkitError(
+                f"CRFT must start from a GRFT checkpoint, but {model_path} is {found}",
+                where="model.path",
+                hint="train one first with `rmkit train grft` and set model.path to its final/ folder "
+                     "(e.g. --set model.path=runs/grft/final)",
+            )
+    return meta
+
+
+def _load(spec: SourceSpec, recipe: Recipe, role: str) -> tuple[list[Record], dict[str, Any]]:
+    from rmkit.data.readers import load_source
+    from rmkit.data.split import split_records
+
+    path = Path(spec.path)
+    if not path.exists():
+        raise RmkitError(f"no such data file: {path}", where=role,
+                         hint="paths are relative to the current folder; shipped recipes read "
+                              "${RMKIT_DATA:-../shared/data}, so run from the repo root or export RMKIT_DATA")
+    domain = spec.domain
+    if domain is None and (spec.format == "dsp" or path.name.startswith("dsp")):
+        domain = recipe.domain
+    try:
+        res = load_source(path, format=spec.format, domain=domain, listwise=spec.listwise)
+    except RmkitError as e:
+        if e.where is None:
+            e.where = f"{role} ({path})"
+        raise
+    records = res.records
+    dropped = Counter(res.dropped)
+    if spec.split != "all":
+        train, test = split_records(records, recipe.data.test_fraction, recipe.data.split_salt)
+        records = train if spec.split == "train" else test
+    if spec.limit is not None:
+        records = records[: spec.limit]
+    if recipe.loss.score_threshold > 0:
+        kept = [r for r in records if any(r.scores[b] - r.scores[w] >= recipe.loss.score_threshold for b, w in r.pairs())]
+        dropped["below score_threshold"] += len(records) - len(kept)
+        records = kept
+    if not records:
+        raise RmkitError(f"no records left from {path} after split={spec.split}, limit={spec.limit}",
+                         where=role, hint="use a larger slice, or split: all")
+    info = {
+        "path": str(path), "sha256": sha256_file(path) if path.is_file() else None,
+        "format": res.format, "domain": domain, "split": spec.split, "limit": spec.limit,
+        "rows_read": res.read, "dropped": dict(dropped), "records": len(records),
+        "pairs": sum(len(r.pairs()) for r in records), "weight": spec.weight,
+    }
+    return records, info
+
+
+def prepare_data(recipe: Recipe, data_dir: Path) -> dict[str, Any]:
+    """Convert, split, slice and mix every source; write canonical files and the manifest."""
+    from rmkit.data.mix import mix_records
+
+    loaded = [(f"data.train.{i}", *_load(s, recipe, f"data.train.{i}")) for i, s in enumerate(recipe.data.train)]
+    sources = [(name, recs, recipe.data.train[i].weight) for i, (name, recs, _) in enumerate(loaded)]
+    if len(sources) == 1 and sources[0][2] is None and recipe.data.mix_size is None:
+        train, counts = sources[0][1], {sources[0][0]: len(sources[0][1])}
+    else:
+        train, counts = mix_records(sources, recipe.data.mix_size, recipe.train.seed, recipe.data.allow_repeat)
+    write_records(data_dir / "train.jsonl", train)
+    manifest: dict[str, Any] = {"train": [], "eval": {}, "train_records": len(train),
+                                "train_pairs": sum(len(r.pairs()) for r in train)}
+    for (name, _, info) in loaded:
+        info["taken"] = counts.get(name, 0)
+        manifest["train"].append(info)
+    for name, spec in recipe.data.eval.items():
+        recs, info = _load(spec, recipe, f"data.eval.{name}")
+        write_records(data_dir / f"eval-{name}.jsonl", recs)
+        manifest["eval"][name] = info
+    for f in sorted(data_dir.glob("*.jsonl")):
+        manifest.setdefault("files", {})[f.name] = sha256_file(f)
+    atomic_write_json(data_dir / "manifest.json", manifest)
+    return manifest
+
+
+def fill_ds_config(recipe: Recipe, world_size: int, precision: str, on_gpu: bool) -> dict[str, Any]:
+    """ZeRO settings from the named file; everything else from the recipe (one place)."""
+    path = resolve_ds_config_path(recipe.launch.deepspeed)
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RmkitError(f"invalid JSON: {e.msg}", where=f"{path}:{e.lineno}") from None
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "optimizer", "scheduler", "bf16", "fp16"):
+        if key in cfg:
+            raise RmkitError(f"'{key}' must not be set in a DeepSpeed config file", where=str(path),
+                             hint="batch sizes, optimizer, lr and precision come from the recipe; keep only ZeRO settings there")
+    t = recipe.train
+    offload = bool(cfg.get("zero_optimization", {}).get("offload_optimizer"))
+    opt_params: dict[str, Any] = {"lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay}
+    if not on_gpu and not offload:
+        opt_params["torch_adam"] = True  # no fused CUDA Adam on CPU; offload uses DeepSpeedCPUAdam
+    cfg.update({
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": recipe.grad_accum(world_size),
+        "gradient_clipping": t.grad_clip,
+        "optimizer": {"type": "AdamW", "params": opt_params},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    })
+    return cfg
+
+
+def detect_gpus() -> int:
+    """Visible accelerators without importing torch where possible."""
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if vis is not None:
+        return len([v for v in vis.split(",") if v.strip() != ""])
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def plan_run(recipe: Recipe) -> RunPlan:
+    """Everything that can be checked before touching the run directory."""
+    from rmkit.models import resolve_model
+
+    gpus = detect_gpus()
+    on_gpu = gpus > 0
+    world = recipe.world_size(gpus if on_gpu else 1)
+    if recipe.launch.gpus != "auto" and on_gpu and int(recipe.launch.gpus) > gpus:
+        raise RmkitError(f"launch.gpus={recipe.launch.gpus} but only {gpus} GPU(s) are visible", where="recipe")
+    accum = recipe.grad_accum(world)
+    precision = recipe.precision(on_gpu)
+    if precision == "fp16" and not on_gpu:
+        raise RmkitError("fp16 needs a GPU", where="launch.precision", hint="use fp32 (or bf16) on CPU")
+    model_path = resolve_model(recipe.model.path)
+    parent = check_parent(recipe, model_path)
+    resolve_ds_config_path(recipe.launch.deepspeed)
+    return RunPlan(output_dir(recipe), world, accum, precision, model_path, parent)
+
+
+def write_run_dir(recipe: Recipe, plan: RunPlan) -> dict[str, Any]:
+    """Write recipe, ds_config, data and run.json into the run directory."""
+    run = plan.run_dir
+    run.mkdir(parents=True, exist_ok=True)
+    manifest = prepare_data(recipe, run / "data")
+    ds_cfg = fill_ds_config(recipe, plan.world_size, plan.precision, on_gpu=detect_gpus() > 0)
+    recipe_text = dump_recipe(recipe)
+    atomic_write_text(run / "recipe.yaml", recipe_text)
+    atomic_write_json(run / "ds_config.json", ds_cfg)
+    info = {
+        "stage": recipe.stage, "domain": recipe.domain, "model_path": str(plan.model_path.resolve()),
+        "parent": ({"path": str(plan.model_path.resolve()), "stage": plan.parent_meta.get("stage"),
+                    "domain": plan.parent_meta.get("domain"), "step": plan.parent_meta.get("step")}
+                   if plan.parent_meta else None),
+        "world_size": plan.world_size, "grad_accum": plan.grad_accum, "precision": plan.precision,
+        "recipe_sha256": sha256_text(recipe_text),
+        "data_manifest_sha256": sha256_file(run / "data" / "manifest.json"),
+        "rmkit_version": __version__, "git_commit": git_commit(),
+    }
+    atomic_write_json(run / "run.json", info)
+    return manifest

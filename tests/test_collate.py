@@ -1,0 +1,140 @@
+"""Tokenization, truncation and collation produce exactly the tensors documented."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rmkit.data.collate import EncodedRecord, collate, encode_record, length_grouped_order, special_prefix
+from rmkit.data.records import Record
+
+X = -100
+
+
+class CharTokenizer:
+    """One id per character (ord(c) + 10); BOS (1) in front when adding special tokens."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        ids = [ord(c) + 10 for c in text]
+        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
+
+
+def ids(text: str) -> list[int]:
+    return [ord(c) + 10 for c in text]
+
+
+def example() -> list[EncodedRecord]:
+    return [
+        EncodedRecord([5, 6], [[7], [8, 9]], (1.0, 0.0)),
+        EncodedRecord([5], [[3], [4, 4], [2]], (2.0, 1.0, 1.0)),
+    ]
+
+
+def test_collate_exact_right_padding() -> None:
+    b = collate(example(), pad_id=0, padding_side="right", lm_target="response")
+    assert b.input_ids.tolist() == [[5, 6, 7, 0], [5, 6, 8, 9], [5, 3, 0, 0], [5, 4, 4, 0], [5, 2, 0, 0]]
+    assert b.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 2], [0, 1, 2, 3], [0, 1, 1, 1], [0, 1, 2, 2], [0, 1, 1, 1]]
+    assert b.record_index.tolist() == [0, 0, 1, 1, 1]
+    assert b.scores.tolist() == [1.0, 0.0, 2.0, 1.0, 1.0] and b.scores.dtype == torch.float32
+    assert b.better.tolist() == [0, 2, 2] and b.worse.tolist() == [1, 3, 4]
+    assert b.lm_labels.tolist() == [[X, X, 7, X], [X] * 4, [X, 3, X, X], [X] * 4, [X] * 4]
+    assert (b.n_tokens, b.n_truncated, b.n_rows) == (14, 0, 5)
+    for t in (b.input_ids, b.attention_mask, b.position_ids, b.lm_labels, b.better, b.worse, b.record_index):
+        assert t.dtype == torch.long
+
+
+def test_collate_exact_left_padding_whole_target() -> None:
+    b = collate(example(), pad_id=0, padding_side="left", lm_target="whole")
+    assert b.input_ids.tolist() == [[0, 5, 6, 7], [5, 6, 8, 9], [0, 0, 5, 3], [0, 5, 4, 4], [0, 0, 5, 2]]
+    assert b.attention_mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 1, 1]]
+    assert b.position_ids.tolist() == [[0, 0, 1, 2], [0, 1, 2, 3], [0, 0, 0, 1], [0, 0, 1, 2], [0, 0, 0, 1]]
+    assert b.lm_labels.tolist() == [[X, 5, 6, 7], [X] * 4, [X, X, 5, 3], [X] * 4, [X] * 4]
+    # the same attended positions as right padding
+    r = collate(example(), pad_id=0, padding_side="right")
+    assert b.position_ids[b.attention_mask.bool()].tolist() == r.position_ids[r.attention_mask.bool()].tolist()
+
+
+def test_collate_no_target_and_preferred_rows() -> None:
+    assert (collate(example(), 0).lm_labels == X).all()
+    recs = example() + [EncodedRecord([5], [[6], [7, 7, 7]], (1.0, 1.0))]  # tied at the top: dropped
+    b = collate(recs, pad_id=0, lm_target="response", rows="preferred")
+    assert b.input_ids.tolist() == [[5, 6, 7], [5, 3, 0]]
+    assert b.lm_labels.tolist() == [[X, X, 7], [X, 3, X]]
+    assert b.record_index.tolist() == [0, 1] and b.scores.tolist() == [1.0, 2.0]
+    assert b.better.numel() == 0 and b.worse.numel() == 0
+    empty = collate([recs[-1]], pad_id=0, rows="preferred")
+    assert empty.input_ids.shape == (0, 0) and empty.n_tokens == 0
+
+
+def test_collate_rejects_unknown_options() -> None:
+    with pytest.raises(ValueError, match="lm_target"):
+        collate(example(), 0, lm_target="prompt")
+    with pytest.raises(ValueError, match="padding_side"):
+        collate(example(), 0, padding_side="middle")
+
+
+def test_encode_shares_prompt_and_adds_bos() -> None:
+    rec = Record("ab", ("x", "yz"), (0.0, 1.0))
+    enc = encode_record(rec, CharTokenizer(), max_length=16)
+    assert enc.prompt_ids == [1] + ids("ab")
+    assert enc.response_ids == [ids("x"), ids("yz")]
+    assert not enc.truncated and enc.row_lengths() == [4, 5]
+    enc = encode_record(rec, CharTokenizer(), max_length=16, append_eos=True)
+    assert enc.response_ids == [ids("x") + [2], ids("yz") + [2]]
+
+
+def test_encode_truncates_prompt_for_longest_response() -> None:
+    rec = Record("abcdef", ("x", "yz"), (0.0, 1.0))  # BOS + 6 prompt tokens, longest response 2
+    left = encode_record(rec, CharTokenizer(), max_length=5, truncation_side="left")
+    assert left.prompt_ids == [1] + ids("ef") and left.truncated  # keeps BOS, drops the start
+    assert left.response_ids == [ids("x"), ids("yz")]
+    right = encode_record(rec, CharTokenizer(), max_length=5, truncation_side="right")
+    assert right.prompt_ids == [1] + ids("ab") and right.truncated
+    assert max(left.row_lengths()) == 5 and max(right.row_lengths()) == 5
+
+
+def test_encode_truncates_long_response() -> None:
+    rec = Record("ab", ("hello", "x"), (1.0, 0.0))
+    left = encode_record(rec, CharTokenizer(), max_length=3, truncation_side="left")
+    assert left.prompt_ids == [] and left.response_ids == [ids("llo"), ids("x")] and left.truncated
+    right = encode_record(rec, CharTokenizer(), max_length=3, truncation_side="right")
+    assert right.prompt_ids == [] and right.response_ids == [ids("hel"), ids("x")]
+    # the appended eos always survives
+    eos = encode_record(rec, CharTokenizer(), max_length=3, truncation_side="right", append_eos=True)
+    assert eos.response_ids == [ids("he") + [2], ids("x") + [2]]
+
+
+def test_encode_with_real_tokenizer(tiny_tokenizer, tiny_records) -> None:
+    tok = tiny_tokenizer
+    assert special_prefix(tok) == [tok.bos_token_id]
+    encoded = [encode_record(r, tok, max_length=64) for r in tiny_records]
+    for rec, enc in zip(tiny_records, encoded):
+        assert enc.prompt_ids == [tok.bos_token_id] + tok(rec.prompt, add_special_tokens=False)["input_ids"]
+        assert tok.decode(enc.prompt_ids[1:] + enc.response_ids[0]) == rec.prompt + rec.responses[0]
+    b = collate(encoded, tok.pad_token_id, lm_target="response")
+    assert b.n_rows == 8 and b.n_truncated == 0
+    # pairs: record 0 (0>1), record 1 (0>1, 0>2; 1 and 2 tie), record 2 (0>2, 1>2; top tie)
+    assert list(zip(b.better.tolist(), b.worse.tolist())) == [(0, 1), (2, 3), (2, 4), (5, 7), (6, 7)]
+    # targets only on preferred rows of records 0 and 1 (record 2 has no unique best)
+    assert sorted(set(torch.nonzero(b.lm_labels != X)[:, 0].tolist())) == [0, 2]
+    short = [encode_record(r, tok, max_length=8) for r in tiny_records]
+    assert collate(short, tok.pad_token_id).n_truncated == 3
+    assert max(max(e.row_lengths()) for e in short) == 8
+
+
+def test_length_grouped_order() -> None:
+    lengths = [(i * 37) % 101 for i in range(230)]
+    a = length_grouped_order(lengths, batch_size=4, seed=3)
+    assert a == length_grouped_order(lengths, batch_size=4, seed=3)
+    assert a != length_grouped_order(lengths, batch_size=4, seed=4)
+    flat = [i for batch in a for i in batch]
+    assert sorted(flat) == list(range(230))
+    assert all(1 <= len(batch) <= 4 for batch in a) and sum(len(b) == 4 for b in a) >= 57
+    for batch in a:  # sorted within a mega-batch: each batch is a run of descending lengths
+        assert [lengths[i] for i in batch] == sorted((lengths[i] for i in batch), reverse=True)
+    # grouping cuts padding: mean spread inside a batch is far below a random batching's
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in a) / len(a)
+    assert spread < 5

@@ -1,0 +1,74 @@
+"""Loss math against numbers computed by hand.
+
+ranking = mean_k -log sigmoid(r_b - r_w - m) = mean_k log(1 + exp(-(r_b - r_w - m)))
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.testing import assert_close
+
+from rmkit.loss import combine, imitation_loss, pair_accuracy, ranking_loss
+
+
+def nll(d: float) -> float:
+    return math.log(1.0 + math.exp(-d))
+
+
+def test_ranking_loss_by_hand() -> None:
+    rewards = torch.tensor([2.0, 0.0, 1.0], requires_grad=True)
+    better, worse = torch.tensor([0, 0, 2]), torch.tensor([1, 2, 1])
+    # differences: 2 - 0 = 2, 2 - 1 = 1, 1 - 0 = 1
+    expected = (nll(2.0) + nll(1.0) + nll(1.0)) / 3
+    loss = ranking_loss(rewards, better, worse)
+    assert_close(loss, torch.tensor(expected))
+    loss.backward()
+    # d/dr_b of log(1+exp(-d)) = -sigmoid(-d); r0 is better twice, r1 worse twice, r2 once each.
+    s = lambda d: 1.0 / (1.0 + math.exp(d))  # noqa: E731  sigmoid(-d)
+    expected_grad = torch.tensor([-(s(2) + s(1)) / 3, (s(2) + s(1)) / 3, (s(1) - s(1)) / 3])
+    assert_close(rewards.grad, expected_grad)
+
+
+def test_ranking_loss_margin() -> None:
+    rewards = torch.tensor([2.0, 0.0, 1.0])
+    loss = ranking_loss(rewards, torch.tensor([0, 2]), torch.tensor([1, 1]), margin=0.5)
+    assert_close(loss, torch.tensor((nll(1.5) + nll(0.5)) / 2))
+
+
+def test_ranking_loss_no_pairs_keeps_graph() -> None:
+    rewards = torch.tensor([1.0, 3.0], requires_grad=True)
+    empty = torch.tensor([], dtype=torch.long)
+    loss = ranking_loss(rewards, empty, empty)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert_close(rewards.grad, torch.zeros(2))
+
+
+def test_pair_accuracy_ties_count_wrong() -> None:
+    rewards = torch.tensor([1.0, 1.0, 0.0, 2.0])
+    better, worse = torch.tensor([0, 0, 2]), torch.tensor([1, 2, 3])
+    # 1 > 1 no (tie), 1 > 0 yes, 0 > 2 no
+    assert pair_accuracy(rewards, better, worse) == (1, 3)
+    assert pair_accuracy(rewards, torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)) == (0, 0)
+
+
+def test_imitation_loss_token_mean() -> None:
+    assert_close(imitation_loss(torch.tensor(6.0), 4), torch.tensor(1.5))
+    assert imitation_loss(None, 0).item() == 0.0
+    assert imitation_loss(torch.tensor(0.0), 0).item() == 0.0
+
+
+def test_combine_weights_and_zero_weight_nan() -> None:
+    r, i = torch.tensor(2.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)
+    total = combine(r, i, 1.0, 0.5)
+    assert_close(total, torch.tensor(3.5))
+    total.backward()
+    assert r.grad.item() == 1.0 and i.grad.item() == 0.5
+    # weight 0: the term is dropped even when NaN, but its graph is kept (grad 0)
+    nan = torch.tensor(float("nan"), requires_grad=True)
+    total = combine(torch.tensor(2.0), nan, 1.0, 0.0)
+    assert total.item() == 2.0
+    total.backward()
+    assert nan.grad.item() == 0.0
