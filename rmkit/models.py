@@ -207,3 +207,13 @@ def _convert_gguf(builtin: Builtin, gguf: Path, target: Path) -> None:
             "pad_token_id": pad_id,
             "convert_seconds": round(time.monotonic() - started, 1),
         })
+        _share(tmp)
+
+
+def _share(folder: Path) -> None:
+    """Temporary files are private (0600/0700); a cache should follow the umask like any folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for f in folder.iterdir():
+        os.chmod(f, 0o666 & ~umask)

@@ -28,7 +28,7 @@ def summary_rows(result: ConvertResult) -> list[tuple[str, str]]:
     """(label, value) lines for the CLI table; drops listed by reason, most frequent first."""
     rows = [
         ("format", result.format),
-        ("rows read", str(result.read)),
+        ("records read", str(result.read)),
         ("records written", str(len(result.records))),
         ("pairs", str(result.pairs)),
         ("dropped", str(sum(result.dropped.values())) if result.dropped else "0"),

@@ -23,7 +23,7 @@ from rmkit.data.records import Record, write_records
 from rmkit.errors import RmkitError
 from rmkit.io import atomic_write_json, sha256_file
 
-Source = tuple[str, list[Record], "float | None"]
+Source = tuple[str, list[Record], float | None]
 
 
 def parse_source(spec: str) -> tuple[str, float | None]:
