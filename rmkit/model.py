@@ -12,9 +12,11 @@ A reward model saves as a Hugging Face `<Arch>ForSequenceClassification` folder 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,16 +45,17 @@ class RewardOutput:
     lm_tokens: int
 
 
-def _sequence_arch(causal_arch: str) -> str:
-    stem = causal_arch[: -len("ForCausalLM")] if causal_arch.endswith("ForCausalLM") else causal_arch
-    return stem + "ForSequenceClassification"
+def _sequence_arch(config: Any, causal_arch: str) -> str:
+    """The `<Arch>ForSequenceClassification` class transformers maps this model type to."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-
-def _causal_arch(arch: str) -> str:
-    for suffix in ("ForSequenceClassification", "ForCausalLM"):
-        if arch.endswith(suffix):
-            return arch[: -len(suffix)] + "ForCausalLM"
-    return arch
+    name = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(config.model_type)
+    if name:
+        return name
+    for suffix in ("ForCausalLM", "LMHeadModel"):
+        if causal_arch.endswith(suffix):
+            return causal_arch[: -len(suffix)] + "ForSequenceClassification"
+    return causal_arch + "ForSequenceClassification"
 
 
 def _safetensor_files(path: Path) -> list[Path]:
@@ -75,6 +78,17 @@ def _read_tensors(files: list[Path], keys: list[str]) -> dict[str, torch.Tensor]
     return found
 
 
+def _copy_param(param: nn.Parameter, value: torch.Tensor) -> None:
+    """param <- value, gathering the full parameter first when ZeRO-3 has partitioned it."""
+    gathered: Any = contextlib.nullcontext()
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+    with gathered, torch.no_grad():
+        param.copy_(value.reshape(param.shape).to(param.dtype))
+
+
 class RewardModel(nn.Module):
     """Decoder (`base_model`) + scalar head (`score`) + the causal LM head (`lm_head`)."""
 
@@ -89,9 +103,7 @@ class RewardModel(nn.Module):
         self.base_model = getattr(causal_lm, self.base_prefix)
         self.lm_head = causal_lm.get_output_embeddings()
         self.lm_head_name = next(n for n, m in causal_lm.named_modules() if m is self.lm_head)
-        self.causal_arch = _causal_arch((self.config.architectures or [type(causal_lm).__name__])[0])
-        if not self.causal_arch.endswith("ForCausalLM"):
-            self.causal_arch = type(causal_lm).__name__
+        self.causal_arch: str = type(causal_lm).__name__  # e.g. LlamaForCausalLM, GPT2LMHeadModel
         text = self.config.get_text_config()
         hidden = text.hidden_size
         weight = next(self.base_model.parameters())
@@ -137,7 +149,7 @@ class RewardModel(nn.Module):
             raise RmkitError(f"{path} is a classifier with {config.num_labels} labels, not a reward model",
                              hint="a reward folder has num_labels 1 (one scalar score)")
         causal_config = copy.deepcopy(config)
-        causal_config.architectures = [_causal_arch(arch)] if arch else None
+        causal_config.architectures = None  # the causal class comes from model_type
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # score.weight is "unexpected" for the causal class
         try:
@@ -152,12 +164,14 @@ class RewardModel(nn.Module):
         if "score.bias" in head:
             raise RmkitError(f"{path} has a score head with a bias; rmkit's head has none",
                              hint="convert the checkpoint or train a new head from its causal LM")
-        with torch.no_grad():
-            model.score.weight.copy_(head["score.weight"].reshape(model.score.weight.shape))
-        if not model.tied and (path / LM_HEAD_FILE).is_file():
-            lm = _read_tensors([path / LM_HEAD_FILE], [f"{model.lm_head_name}.weight"])
-            with torch.no_grad():
-                model.lm_head.weight.copy_(lm[f"{model.lm_head_name}.weight"])
+        _copy_param(model.score.weight, head["score.weight"])
+        if not model.tied:
+            if (path / LM_HEAD_FILE).is_file():
+                lm = _read_tensors([path / LM_HEAD_FILE], [f"{model.lm_head_name}.weight"])
+                _copy_param(model.lm_head.weight, lm[f"{model.lm_head_name}.weight"])
+            else:
+                warnings.warn(f"{path} has an untied LM head but no {LM_HEAD_FILE}: the LM head is random, "
+                              "so an imitation loss would start from scratch", stacklevel=2)
         return model
 
     @property
@@ -166,8 +180,11 @@ class RewardModel(nn.Module):
         return self.lm_head.weight is self.base_model.get_input_embeddings().weight
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        """Recompute decoder activations in backward (memory for compute)."""
-        self.base_model.gradient_checkpointing_enable(**kwargs)
+        """Recompute decoder activations in backward (memory for compute). transformers 5.x
+        renamed the method (the old name warns); use whichever this version has."""
+        enable = getattr(self.base_model, "activation_checkpointing_enable", None) \
+            or self.base_model.gradient_checkpointing_enable
+        enable(**kwargs)
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -270,7 +287,7 @@ class RewardModel(nn.Module):
             if "score.weight" not in sd:
                 raise ValueError("state_dict has no score.weight")
             tensors["score.weight"] = sd["score.weight"]
-            config.architectures = [_sequence_arch(self.causal_arch)]
+            config.architectures = [_sequence_arch(config, self.causal_arch)]
             config.num_labels = 1
             config.rmkit_pooling = self.pooling
             if not self.tied:

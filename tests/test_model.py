@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -230,6 +231,9 @@ def test_causal_save_loads_as_causal_lm(tiny_model_dir, tiny_tokenizer, tmp_path
 
 def test_one_step_changes_parameters(tiny_model_dir, tiny_tokenizer, tiny_records) -> None:
     rm = RewardModel.from_pretrained(tiny_model_dir).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # transformers 5.x deprecates the old method name
+        rm.gradient_checkpointing_enable()
     before = {n: p.detach().clone() for n, p in rm.named_parameters()}
     opt = torch.optim.AdamW(rm.parameters(), lr=1e-2)
     b = batch(tiny_records, tiny_tokenizer, lm_target="whole")

@@ -26,6 +26,7 @@ from rmkit.io import TMP_PREFIX, atomic_write_json
 from rmkit.loss import combine, imitation_loss, pair_accuracy, ranking_loss
 from rmkit.recipe import Recipe
 from rmkit.score import SetResult, score_shard, tally
+from rmkit.train.faults import maybe_die
 from rmkit.train.schedule import lr_lambda, micro_batches, step_records, total_steps
 
 
@@ -136,10 +137,19 @@ class Runner:
                             padding_side=r.data.padding_side, lm_target=lm_target,
                             rows="preferred" if blt else "all")
             labels = batch.lm_labels.to(self.device) if lm_target != "none" else None
+            min_chunks = 0
+            if labels is not None and self.world > 1:
+                # ZeRO-3 gathers lm_head collectively: every rank must run the same number of chunks
+                import torch.distributed as dist
+
+                targets = int((batch.lm_labels[:, 1:] != -100).sum())
+                chunks = torch.tensor([math.ceil(targets / r.loss.lm_chunk_size)], dtype=torch.long)
+                dist.all_reduce(chunks, op=dist.ReduceOp.MAX)
+                min_chunks = int(chunks.item())
             out = self.engine(input_ids=batch.input_ids.to(self.device),
                               attention_mask=batch.attention_mask.to(self.device),
                               position_ids=batch.position_ids.to(self.device),
-                              lm_labels=labels, lm_chunk_size=r.loss.lm_chunk_size)
+                              lm_labels=labels, lm_chunk_size=r.loss.lm_chunk_size, lm_min_chunks=min_chunks)
             if blt:
                 rank_l = torch.zeros((), device=self.device)
                 im_l = imitation_loss(out.lm_loss_sum, out.lm_tokens)
@@ -182,6 +192,7 @@ class Runner:
                                  self.recipe.data.padding_side, self.rank, self.world, self.device)
             for i, rewards in scored:
                 tally(res, enc[i], rewards, char_lens[i])
+            maybe_die("eval", self.engine.global_steps)
             total = _all_reduce(res.as_tensor())
             results[name] = SetResult.from_tensor(total).summary()
         self.engine.train()
@@ -224,6 +235,19 @@ class Runner:
                 sd[name] = b.detach().to("cpu", copy=True)
         return sd if self.rank == 0 else None
 
+    def write_fingerprint(self) -> None:
+        """Every rank hashes the full weights it sees (gathered under ZeRO-3): ranks must agree."""
+        import hashlib
+
+        import deepspeed
+
+        h = hashlib.sha256()
+        for name, p in sorted(self.model.named_parameters(), key=lambda x: x[0]):
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=hasattr(p, "ds_id")):
+                h.update(name.encode())
+                h.update(p.data.detach().float().cpu().numpy().tobytes())
+        (self.run_dir / f"fingerprint-rank{self.rank}.txt").write_text(h.hexdigest())
+
     def write_model(self, folder: Path) -> None:
         sd = self.full_state_dict()
         if self.rank == 0:
@@ -249,6 +273,7 @@ class Runner:
                 rng["cuda"] = torch.cuda.get_rng_state()
             save_file(rng, str(tmp / "state" / f"rng-rank{self.rank}.safetensors"))
         self.write_model(tmp)
+        maybe_die("save", step)
         _barrier()
         if self.rank == 0:
             finalize(tmp, dest, self.meta(step))
@@ -299,6 +324,7 @@ class Runner:
             m["seconds"] = time.perf_counter() - t0
             m["tokens_per_s"] = m["tokens"] / max(1e-9, m["seconds"])
             done = step + 1
+            maybe_die("step", done)
             if r.train.eval_every and done % r.train.eval_every == 0 and done < self.total and self.evals:
                 m["eval"] = self.evaluate()
             logger.log(m)
@@ -310,6 +336,8 @@ class Runner:
         self.save(self.total, final=True)
         if self.rank == 0:
             atomic_write_json(self.run_dir / "eval_final.json", final_eval)
+        if os.environ.get("RMKIT_FINGERPRINT"):
+            self.write_fingerprint()
             print0(f"[bold green]done[/]: {self.run_dir / 'final'}")
 
 
