@@ -59,7 +59,9 @@ _register()
 def main() -> None:
     """Entry point: user errors print one clear message and exit 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns typer.Exit's code here instead of raising
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except RmkitError as e:
         from rmkit.console import fail
 
