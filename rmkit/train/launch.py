@@ -9,13 +9,14 @@ import contextlib
 import fcntl
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
-from rmkit.checkpoint import list_checkpoints
+from rmkit.checkpoint import check_weights, list_checkpoints
 from rmkit.console import console
 from rmkit.errors import RmkitError
 from rmkit.recipe import Recipe, dump_recipe
@@ -37,7 +38,7 @@ def launcher_command(recipe: Recipe, plan: RunPlan, resume: bool, port: int | No
     cmd = ["deepspeed", "--num_gpus", str(procs), "--num_nodes", str(launch.nodes)]
     if launch.hostfile:
         cmd += ["--hostfile", launch.hostfile]
-    cmd += ["--master_port", str(launch.master_port or port or free_port())]
+    cmd += ["--master_port", str(launch.master_port or port or free_port()), "--log_level", "warning"]
     cmd += ["--module", "rmkit.train.worker", str(plan.run_dir)]
     if resume:
         cmd.append("--resume")
@@ -65,6 +66,11 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 def _default_runner(cmd: list[str]) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if "DS_ACCELERATOR" not in env:
+        from rmkit.train.rundir import detect_gpus
+
+        if detect_gpus() == 0:
+            env["DS_ACCELERATOR"] = "cpu"  # say it, so DeepSpeed does not warn that it guessed
     bindir = Path(sys.executable).parent
     if (bindir / "deepspeed").exists():
         cmd = [str(bindir / "deepspeed"), *cmd[1:]]
@@ -75,6 +81,7 @@ def train(recipe: Recipe, resume: bool = False, dry_run: bool = False,
           runner: Callable[[list[str]], int] = _default_runner) -> int:
     """Validate everything, write the run directory, start the launcher; returns its exit code."""
     plan = plan_run(recipe)
+    check_weights(plan.model_path, recipe.model.trust_remote_code)  # before any process starts
     if dry_run:
         cmd = launcher_command(recipe, plan, resume, port=recipe.launch.master_port or 29500)
         console.print("[bold]launcher command[/]")
@@ -84,11 +91,12 @@ def train(recipe: Recipe, resume: bool = False, dry_run: bool = False,
         console.print(dump_recipe(recipe), markup=False)
         return 0
     run_dir = plan.run_dir
+    if resume and not (run_dir / "run.json").exists():  # checked before the lock creates the folder
+        raise RmkitError(f"nothing to resume in {run_dir}", hint="start it without --resume")
+    existed = set(os.listdir(run_dir)) if run_dir.is_dir() else None
     with run_lock(run_dir):
         done = (run_dir / "final" / "meta.json").exists()
         if resume:
-            if not (run_dir / "run.json").exists():
-                raise RmkitError(f"nothing to resume in {run_dir}", hint="start it without --resume")
             if done:
                 console.print(f"{run_dir} already finished; final model in {run_dir / 'final'}")
                 return 0
@@ -98,7 +106,11 @@ def train(recipe: Recipe, resume: bool = False, dry_run: bool = False,
                 raise RmkitError(f"{run_dir} already holds a run",
                                  hint="continue it with --resume, or set train.output_dir to a new folder "
                                       "(--set train.output_dir=...)")
-            manifest = write_run_dir(recipe, plan)
+            try:
+                manifest = write_run_dir(recipe, plan)
+            except BaseException:
+                _remove_new(run_dir, existed)  # a bad data file leaves no half-written run behind
+                raise
             _print_plan(recipe, plan, manifest)
         cmd = launcher_command(recipe, plan, resume)
         console.print("[dim]" + shlex.join(cmd) + "[/]", soft_wrap=True)
@@ -106,12 +118,29 @@ def train(recipe: Recipe, resume: bool = False, dry_run: bool = False,
     return 2 if code == 2 else code
 
 
+def _remove_new(run_dir: Path, existed: set[str] | None) -> None:
+    """Delete what this command added to `run_dir` (the whole folder if it made it)."""
+    if existed is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for name in set(os.listdir(run_dir)) - existed:
+        target = run_dir / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
+
+
 def _check_same_recipe(recipe: Recipe, run_dir: Path) -> None:
     import json
 
     from rmkit.io import sha256_text
 
-    info = json.loads((run_dir / "run.json").read_text())
+    try:
+        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RmkitError(f"cannot read {run_dir / 'run.json'} ({e})",
+                         hint="the run folder is damaged; start a new run in another train.output_dir") from None
     if sha256_text(dump_recipe(recipe)) != info.get("recipe_sha256"):
         raise RmkitError(f"the recipe differs from the one {run_dir} was started with",
                          hint=f"resume with the same recipe and --set values (see {run_dir / 'recipe.yaml'})")

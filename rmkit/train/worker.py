@@ -24,6 +24,10 @@ def main(argv: list[str] | None = None) -> None:
     from rmkit.errors import RmkitError
 
     try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # rank 0's rich bar is the progress display
         from rmkit.train.loop import fit
 
         fit(run_dir, resume=resume)
