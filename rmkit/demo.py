@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rmkit.console import console
 from rmkit.errors import RmkitError
+from rmkit.io import atomic_write_json, atomic_write_text
 from rmkit.recipe import RECIPES_DIR, load_recipe
 
 MARKER = ".rmkit-demo"
@@ -37,7 +38,7 @@ def run_demo(out: Path, domain: str = "business", eval_limit: int = 48, extra: l
             raise RmkitError(f"{out} exists and was not made by `rmkit demo`", hint="pass --out to a new folder")
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    (out / MARKER).write_text("made by rmkit demo; deleted by the next `rmkit demo`\n")
+    atomic_write_text(out / MARKER, "made by rmkit demo; deleted by the next `rmkit demo`\n")
     rows = []
     parent = None
     for stage in ("blt", "grft", "crft"):
@@ -62,7 +63,7 @@ def run_demo(out: Path, domain: str = "business", eval_limit: int = 48, extra: l
                      "first_loss": steps[0]["loss_ranking"] + steps[0]["loss_imitation"],
                      "last_loss": steps[-1]["loss_ranking"] + steps[-1]["loss_imitation"]})
         parent = run / "final"
-    (out / "demo.json").write_text(json.dumps(rows, indent=2))
+    atomic_write_json(out / "demo.json", rows)
     _table(rows, domain)
     return rows
 

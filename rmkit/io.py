@@ -8,6 +8,7 @@ nothing, never half a file that looks whole.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -16,9 +17,46 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from rmkit.errors import RmkitError
+
 TMP_PREFIX = ".tmp-"
+# Errors that mean "this disk cannot take the write", wherever in the block they are raised.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+
+
+def free_space(path: str | os.PathLike[str]) -> str:
+    """Free space on the file system holding `path` (or its nearest existing parent), for messages."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        free = shutil.disk_usage(p).free
+    except OSError:
+        return "unknown free space"
+    if free < 1024:
+        return f"{free} bytes free"
+    size, units = float(free), ("KiB", "MiB", "GiB", "TiB")
+    for unit in units:
+        size /= 1024
+        if size < 1024 or unit == units[-1]:
+            break
+    return f"{size:.1f} {unit} free"
+
+
+def write_error(path: str | os.PathLike[str], e: OSError) -> RmkitError:
+    """An OSError while writing `path` as the user-facing error: what failed, where, free space."""
+    what = e.strerror or str(e)
+    hint = {
+        errno.ENOSPC: "free some space (or write somewhere else) and run the command again",
+        errno.EDQUOT: "your disk quota is used up; free some space and run the command again",
+        errno.EROFS: "the file system is read-only; write somewhere else",
+        errno.EACCES: "you may not write there; pick another output folder",
+        errno.ENOTDIR: "a part of the output path is a file, not a folder",
+        errno.EEXIST: "a part of the output path is a file, not a folder",
+    }.get(e.errno or 0, "check the output path")
+    return RmkitError(f"cannot write {path}: {what} ({free_space(path)})", hint=hint)
 
 
 def fsync_dir(path: Path) -> None:
@@ -39,20 +77,28 @@ def fsync_dir(path: Path) -> None:
 def atomic_file(path: str | os.PathLike[str], mode: str = "w") -> Iterator[Any]:
     """Open a temporary file beside `path`; on success fsync and rename it onto `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+    except OSError as e:
+        raise write_error(path, e) from None
     binary = "b" in mode
+    ours = False  # an OSError from our own flush/fsync/rename (not from the caller's block)
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
             yield f
+            ours = True
             f.flush()
             os.fsync(f.fileno())
+        ours = True  # close() flushes too
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and (ours or e.errno in DISK_ERRNOS):
+            raise write_error(path, e) from None
         raise
 
 
@@ -82,11 +128,16 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     An existing `path` is replaced only after the new folder is complete.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_UMASK)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_UMASK)
+    except OSError as e:
+        raise write_error(path, e) from None
+    ours = False
     try:
         yield tmp
+        ours = True
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:
@@ -101,8 +152,10 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         else:
             os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and (ours or e.errno in DISK_ERRNOS):
+            raise write_error(path, e) from None
         raise
 
 

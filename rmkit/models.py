@@ -85,6 +85,9 @@ def resolve_model(name_or_path: str) -> Path:
     if not path.is_dir():
         raise RmkitError(f"model path {path} is a file, not a folder",
                          hint="a model folder holds " + "; ".join(FOLDER_NEEDS))
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        raise RmkitError(f"{path} is a LoRA adapter checkpoint, not a full model",
+                         hint=f"fold it into its base first: rmkit merge {path} -o MERGED, then use MERGED")
     missing = _missing_parts(path)
     if missing:
         present = sorted(p.name for p in path.iterdir())[:20]

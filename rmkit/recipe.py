@@ -68,6 +68,10 @@ class DataSpec(_Strict):
     max_length: int = Field(512, gt=8)
     truncation_side: Literal["left", "right"] = "left"
     padding_side: Literal["left", "right"] = "right"
+    # Prefix sharing: a record's responses share one row [prompt][resp_1][resp_2]... (prompt
+    # computed once), chosen per micro-batch when it costs less; false = one row per response
+    # (for models whose attention ignores a custom 4-D mask, e.g. some remote-code models).
+    prefix_sharing: bool = True
 
     @model_validator(mode="after")
     def _weights_all_or_none(self) -> "DataSpec":
@@ -101,6 +105,7 @@ class TrainSpec(_Strict):
     max_steps: Optional[int] = Field(None, gt=0)
     seed: int = 42
     eval_every: int = Field(0, ge=0)
+    eval_on_start: bool = False
     save_every: int = Field(0, ge=0)
     keep_last: int = Field(2, gt=0)
     log_every: int = Field(1, gt=0)
@@ -230,7 +235,8 @@ def apply_overrides(tree: dict[str, Any], overrides: list[tuple[str, Any]]) -> d
                         node[part] = {}
                     node = node[part]
                     if not isinstance(node, (dict, list)):
-                        raise RmkitError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
+                        raise RmkitError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a section",
+                                         hint=f"set the value itself: --set {'.'.join(parts[: i + 1])}=...")
     return tree
 
 
@@ -290,7 +296,8 @@ def load_tree(path: str | Path) -> dict[str, Any]:
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise RmkitError(f"invalid YAML: {getattr(e, 'problem', e)}", where=where, hint="check indentation and colons") from None
     if not isinstance(tree, dict):
-        raise RmkitError("a recipe must be a YAML mapping (stage:, model:, data:, ...)", where=str(path))
+        raise RmkitError("a recipe must be a YAML mapping (stage:, model:, data:, ...)", where=str(path),
+                         hint="start from a shipped recipe, e.g. recipes/grft.yaml")
     return tree
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from rmkit.console import console
+from rmkit.io import atomic_write_text, write_error
 
 
 class Progress:
@@ -52,13 +53,16 @@ class Progress:
                 continue  # a line cut by a kill
             if row.get("step", 0) <= start and not row.get("final"):
                 keep.append(line)
-        self.path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+        atomic_write_text(self.path, "".join(k + "\n" for k in keep))  # a kill here keeps the old file
 
     def log(self, m: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(m) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(m) + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk: a clear error (exit 2), not a traceback
+            raise write_error(self.path, e) from None
         if "loss_ranking" in m:
             parts = [f"loss {m['loss_ranking'] + m['loss_imitation']:.4f}"]
             if self.stage != "blt":

@@ -55,11 +55,13 @@ def read_parent_meta(model_path: Path) -> dict[str, Any] | None:
     meta = model_path / META_FILE
     if not meta.exists():
         return None
-    try:
-        return json.loads(meta.read_text())
-    except json.JSONDecodeError as e:
-        raise RmkitError(f"unreadable checkpoint metadata: {e.msg}", where=str(meta),
-                         hint="the checkpoint is damaged; point model.path at another checkpoint") from None
+    from rmkit.checkpoint import read_meta
+
+    try:  # an interrupted or altered checkpoint (files missing or resized) is refused here
+        return read_meta(model_path)
+    except RmkitError as e:
+        e.where = "model.path"
+        raise
 
 
 def check_parent(recipe: Recipe, model_path: Path) -> dict[str, Any] | None:
@@ -118,6 +120,12 @@ def _load(spec: SourceSpec, recipe: Recipe, role: str) -> tuple[list[Record], di
     return records, info
 
 
+def load_eval_sets(recipe: Recipe) -> dict[str, tuple[list[Record], dict[str, Any]]]:
+    """Every `data.eval` set as training sees it (split, limit, domain, threshold applied), with
+    its manifest entry; `rmkit eval` calls this too, so both score exactly the same records."""
+    return {name: _load(spec, recipe, f"data.eval.{name}") for name, spec in recipe.data.eval.items()}
+
+
 def prepare_data(recipe: Recipe, data_dir: Path) -> dict[str, Any]:
     """Convert, split, slice and mix every source; write canonical files and the manifest."""
     from rmkit.data.mix import mix_records
@@ -134,8 +142,7 @@ def prepare_data(recipe: Recipe, data_dir: Path) -> dict[str, Any]:
     for (name, _, info) in loaded:
         info["taken"] = counts.get(name, 0)
         manifest["train"].append(info)
-    for name, spec in recipe.data.eval.items():
-        recs, info = _load(spec, recipe, f"data.eval.{name}")
+    for name, (recs, info) in load_eval_sets(recipe).items():
         write_records(data_dir / f"eval-{name}.jsonl", recs)
         manifest["eval"][name] = info
     for f in sorted(data_dir.glob("*.jsonl")):
