@@ -48,22 +48,36 @@ def parse_grid(text: str, what: str) -> list[float]:
     return vals
 
 
-def point_overrides(base: dict[str, Any], p: Point, out: Path, parent: str | None, general: str) -> list[str]:
-    """The --set list that turns the base CRFT recipe into grid point `p`."""
+def point_overrides(base: dict[str, Any], p: Point, out: Path, parent: str | None, general: str,
+                    domain_pairs: int | None = None, global_batch: int = 1) -> list[str]:
+    """The --set list that turns the base CRFT recipe into grid point `p`.
+
+    Enrichment adds general pairs on top of a fixed domain budget, as in the paper: every point
+    sees the same `domain_pairs` domain records; a point with enrichment e trains on
+    domain_pairs / (1 - e) records in all (and proportionally more steps).
+    """
     train = base["data"]["train"]
     domain_src = dict(train[0])
     domain_src.pop("weight", None)
+    if domain_pairs is not None:
+        domain_src["limit"] = domain_pairs
     sources = [domain_src]
+    sets: list[str] = []
     if p.enrich > 0:
         gen = dict(train[1]) if len(train) > 1 else {"path": general, "split": "train"}
         gen.pop("weight", None)
         domain_src["weight"] = round(1 - p.enrich, 6)
         gen["weight"] = round(p.enrich, 6)
         sources.append(gen)
-    sets = [f"data.train={json.dumps(sources)}", f"loss.imitation_weight={p.imitation}",
-            f"train.output_dir={out / 'points' / p.name}"]
-    if p.enrich == 0:
+        if domain_pairs is not None:
+            total = math.ceil(domain_pairs / (1 - p.enrich) / global_batch) * global_batch
+            sets += [f"data.mix_size={total}", f"train.max_steps={total // global_batch}"]
+    else:
         sets.append("data.mix_size=null")
+        if domain_pairs is not None:
+            sets.append(f"train.max_steps={max(1, domain_pairs // global_batch)}")
+    sets += [f"data.train={json.dumps(sources)}", f"loss.imitation_weight={p.imitation}",
+             f"train.output_dir={out / 'points' / p.name}"]
     if parent:
         sets.append(f"model.path={parent}")
     return sets
@@ -92,6 +106,10 @@ def run_sweep(recipe_path: str, domain: str, weights: list[float], enrich: list[
 
     train_fn = train_fn or default_train
     base_tree = load_tree(recipe_path)
+    if extra:
+        from rmkit.recipe import apply_overrides, parse_set
+
+        base_tree = apply_overrides(base_tree, parse_set(extra))
     if base_tree.get("stage") != "crft":
         raise RmkitError(f"a sweep runs CRFT points, but {recipe_path} is a '{base_tree.get('stage')}' recipe",
                          hint="use recipes/cpu/crft.yaml or recipes/crft.yaml")
@@ -103,6 +121,8 @@ def run_sweep(recipe_path: str, domain: str, weights: list[float], enrich: list[
                          where=recipe_path, hint="see recipes/cpu/crft.yaml's data.eval")
     out.mkdir(parents=True, exist_ok=True)
     grid = [Point(w, e) for e in enrich for w in weights]
+    # the domain budget every point shares: what the plain recipe would train on
+    domain_pairs = base.train.max_steps * base.train.global_batch if base.train.max_steps else base.data.train[0].limit
     results: list[dict[str, Any]] = []
     start = _grft_start(base, out, domain_set, eval_fn)
     for i, p in enumerate(grid, 1):
@@ -115,8 +135,8 @@ def run_sweep(recipe_path: str, domain: str, weights: list[float], enrich: list[
             console.rule(f"[bold]sweep point {i}/{len(grid)}[/]: {p.name}")
             t0 = time.perf_counter()
             try:
-                r = load_recipe(recipe_path, [*(extra or []), *point_overrides(base_tree, p, out, parent, general)],
-                                stage="crft", domain=domain)
+                sets = point_overrides(base_tree, p, out, parent, general, domain_pairs, base.train.global_batch)
+                r = load_recipe(recipe_path, [*(extra or []), *sets], stage="crft", domain=domain)
                 code = train_fn(r) if not (run / "run.json").exists() else _resume(train_fn, r)
                 row["status"] = "ok" if code == 0 and done.exists() else f"failed (exit {code})"
             except RmkitError as e:
@@ -147,16 +167,26 @@ def _grft_start(base: Recipe, out: Path, domain_set: str, eval_fn: Callable[[Pat
     cache = out / "grft_start.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    if eval_fn is None:
-        try:
-            from rmkit.evaluate import evaluate_recipe_sets as eval_fn  # type: ignore[no-redef]
-        except ImportError:
-            return None
-    evals = eval_fn(Path(base.model.path), base)
+    evals = (eval_fn or evaluate_on_recipe_sets)(Path(base.model.path), base)
     gen, dom = _accuracies(evals, domain_set)
     start = {"general_acc": gen, "domain_acc": dom, "eval": evals}
     atomic_write_json(cache, start)
     return start
+
+
+def evaluate_on_recipe_sets(path: Path, recipe: Recipe) -> dict[str, Any]:
+    """Score a checkpoint on the recipe's eval sets, resolved as training resolves them."""
+    from rmkit.evaluate import default_device, inspect_checkpoint, load_scorer, score_records, set_result
+    from rmkit.train.rundir import load_eval_sets
+
+    ckpt = inspect_checkpoint(path, recipe.data.max_length)
+    device, dtype = default_device()
+    scorer = load_scorer(ckpt, device, dtype)
+    out = {}
+    for name, (records, _) in load_eval_sets(recipe).items():
+        encoded, rewards = score_records(scorer, records)
+        out[name] = set_result(records, encoded, rewards).summary()
+    return out
 
 
 def _write_outputs(summary: dict[str, Any], out: Path) -> None:

@@ -1,0 +1,68 @@
+"""`rmkit eval`: preference accuracy of one or more reward models, side by side; or, with
+--score-only, a reward for every {"prompt", "response"} row of a JSONL file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from rmkit.errors import RmkitError
+from rmkit.evaluate import DEFAULT_BATCH_SIZE  # light: torch is imported only to score
+
+HELP = (
+    "Preference accuracy of reward models on eval sets, side by side.\n\n"
+    "With no --data each checkpoint is scored on the eval sets of its own training recipe "
+    "(CKPT/rmkit_recipe.yaml), resolved exactly as training resolved them. CKPT is an rmkit checkpoint "
+    "(RUN/final, RUN/checkpoints/step-N) or any Hugging Face reward folder (ForSequenceClassification, "
+    "num_labels 1, safetensors).\n\n"
+    "Examples:\n\n"
+    "rmkit eval runs/grft/final runs/crft/final --json eval.json\n\n"
+    "rmkit eval runs/crft/final --data ../shared/data/dsp.json:business --domain business\n\n"
+    "rmkit eval runs/crft/final --score-only --data rows.jsonl -o rewards.jsonl"
+)
+
+
+def eval_command(
+    checkpoints: List[str] = typer.Argument(..., metavar="CKPT...", help="rmkit checkpoint or HF reward folder(s)."),
+    data: Optional[List[str]] = typer.Option(None, "--data", help="PATH[:NAME], any format rmkit reads (repeatable)."),
+    domain: Optional[str] = typer.Option(None, "--domain", help="For DSP --data files: the preferred domain."),
+    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", help="Records per forward (a record's responses go together)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write every figure and each checkpoint's metadata here."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per row (default: the checkpoint's own)."),
+    score_only: bool = typer.Option(False, "--score-only", help='Score {"prompt","response"} rows of one --data JSONL.'),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="--score-only: JSONL to write, one reward per row."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a folder's own model code."),
+) -> None:
+    from rmkit.console import print0
+
+    if score_only:
+        if len(checkpoints) != 1 or not data or len(data) != 1 or output is None:
+            raise RmkitError("--score-only needs exactly one CKPT, one --data file and -o OUT.jsonl",
+                             hint="rmkit eval CKPT --score-only --data rows.jsonl -o rewards.jsonl")
+        if json_out is not None or domain is not None:
+            raise RmkitError("--json and --domain do not apply to --score-only",
+                             hint="--score-only writes one reward per row to -o")
+        from rmkit.evaluate import score_file
+
+        done = score_file(checkpoints[0], Path(data[0]), output, batch_size, max_length, trust_remote_code)
+        print0(f"scored {done['rows']} rows -> {output} ({done['seconds']:.1f} s on {done['device']}); "
+               f"{done['truncated']} truncated to {done['max_length']} tokens")
+        return
+    if output is not None:
+        raise RmkitError("-o applies to --score-only", hint="use --json OUT to save the eval report")
+    from rich.text import Text
+
+    from rmkit.evaluate import report_notes, report_table, run_eval
+
+    report = run_eval(checkpoints, data, domain, batch_size, max_length, json_out, trust_remote_code)
+    print0(report_table(report))
+    for note in report_notes(report):
+        print0(Text(note, style="dim"))
+    if json_out is not None:
+        print0(f"report: {json_out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="eval", help=HELP, no_args_is_help=True)(eval_command)

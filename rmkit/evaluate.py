@@ -1,0 +1,626 @@
+"""`rmkit eval`: preference accuracy of reward models on eval sets, and plain reward scoring.
+
+Two kinds of model folder are accepted, and each is read the way it was made:
+- an rmkit checkpoint (meta.json): `RewardModel` with the checkpoint's recorded encoding
+  (prompt and response tokenized apart, max_length, truncation side, appended eos, padding side);
+- any Hugging Face sequence-classification folder with one label (safetensors):
+  `AutoModelForSequenceClassification`, each whole text encoded as `tokenizer(text)` does, so a
+  reward equals `model(**tokenizer(text)).logits`. These are always right-padded, the one side
+  every architecture scores exactly as an unpadded text (position ids, first-token poolers).
+
+Everything the user can get wrong (folders, recipe, data files) is checked before any model is
+loaded, and the JSON report is written atomically at the very end: a bad input leaves no file.
+Scoring goes through `rmkit.score.score_shard` (the scorer training uses): no gradients, batches
+grouped by length, one device->host transfer per set, bf16 on GPU and fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from rmkit import __version__
+from rmkit.data.records import Record, iter_jsonl
+from rmkit.errors import RmkitError
+from rmkit.io import atomic_write_json, atomic_write_jsonl
+
+if TYPE_CHECKING:
+    import torch
+
+    from rmkit.data.collate import EncodedRecord
+    from rmkit.score import SetResult
+
+RECIPE_FILE = "rmkit_recipe.yaml"
+DEFAULT_BATCH_SIZE = 16  # records per forward; every response of a record rides in the same batch
+FALLBACK_MAX_LENGTH = 2048  # plain folders whose config and tokenizer name no length limit
+PROGRESS_MIN_RECORDS = 64  # sets shorter than this finish before a bar is worth drawing
+CKPT_HINT = ("give a folder written by `rmkit train` (RUN/final or RUN/checkpoints/step-N), or a "
+             "Hugging Face reward folder (config.json, *.safetensors, tokenizer files)")
+
+
+@dataclass
+class Encoding:
+    """How texts become token rows for one model.
+
+    style "prompt+response": rmkit's `encode_record` (prompt and each response tokenized apart);
+    style "whole-text": `tokenizer(prompt + response)`, exactly what the model's tokenizer does.
+    """
+
+    style: str
+    max_length: int | None  # None: decided when the tokenizer is loaded (plain folders)
+    truncation_side: str = "left"
+    padding_side: str = "right"
+    append_eos: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"style": self.style, "max_length": self.max_length, "truncation_side": self.truncation_side,
+                "padding_side": self.padding_side, "append_eos": self.append_eos}
+
+
+@dataclass
+class Checkpoint:
+    """A model folder, checked (no weights loaded yet)."""
+
+    path: Path
+    label: str
+    kind: str  # "rmkit" or "hf"
+    meta: dict[str, Any]  # rmkit: meta.json (file table dropped); hf: what config.json says
+    encoding: Encoding
+    recipe: Path | None  # the training recipe saved beside the weights (rmkit checkpoints)
+
+
+@dataclass
+class EvalSet:
+    """Records to evaluate on, and where they came from (path, sha256, split, drops)."""
+
+    name: str
+    records: list[Record]
+    source: dict[str, Any]
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for r in self.records:
+            h.update(json.dumps([r.prompt, list(r.responses), list(r.scores)], ensure_ascii=False).encode())
+        return h.hexdigest()
+
+
+@dataclass
+class Scorer:
+    """A loaded model, its tokenizer, and how it turns records into token rows."""
+
+    checkpoint: Checkpoint
+    model: Any  # forward(input_ids, attention_mask, position_ids) -> object with .rewards [N]
+    tokenizer: Any
+    pad_id: int
+    device: "torch.device"
+    dtype: "torch.dtype"
+    encoding: Encoding = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.encoding = self.checkpoint.encoding
+
+    def encode(self, record: Record) -> "EncodedRecord":
+        e = self.encoding
+        assert e.max_length is not None
+        if e.style == "prompt+response":
+            from rmkit.data.collate import encode_record
+
+            return encode_record(record, self.tokenizer, e.max_length, e.truncation_side, e.append_eos)
+        return encode_whole_text(record, self.tokenizer, e.max_length, e.truncation_side)
+
+
+# ---- checking folders (no torch) -------------------------------------------------------------
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise RmkitError(f"unreadable {path.name}: {e}", where=str(path),
+                         hint="the folder is damaged; re-save or re-download it") from None
+    if not isinstance(value, dict):
+        raise RmkitError(f"{path.name} is not a JSON object", where=str(path), hint=CKPT_HINT)
+    return value
+
+
+def _num_labels(config: dict[str, Any]) -> int:
+    """What transformers will build: id2label wins, then num_labels, else its default of 2."""
+    if isinstance(config.get("id2label"), dict):
+        return len(config["id2label"])
+    return int(config.get("num_labels", 2))
+
+
+def inspect_checkpoint(path: str | Path, max_length: int | None = None) -> Checkpoint:
+    """Classify and check a model folder: an rmkit checkpoint or a plain HF reward folder."""
+    label = str(path)
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise RmkitError(f"no such checkpoint folder: {folder}", hint=CKPT_HINT)
+    if not folder.is_dir():
+        raise RmkitError(f"{folder} is a file, not a checkpoint folder", hint=CKPT_HINT)
+    if max_length is not None and max_length < 2:
+        raise RmkitError(f"--max-length must be at least 2, got {max_length}")
+
+    if (folder / "meta.json").exists():
+        from rmkit.checkpoint import read_meta
+
+        meta = read_meta(folder)  # refuses a folder whose files do not match its meta.json
+        meta.pop("files", None)
+        if meta.get("kind") != "reward":
+            raise RmkitError(
+                f"{folder} is a {meta.get('stage', '?')} checkpoint of kind '{meta.get('kind')}': it has no "
+                "trained reward head",
+                hint="evaluate a grft or crft checkpoint; a blt checkpoint is a language model only")
+        enc = meta.get("encoding")
+        if not isinstance(enc, dict) or "max_length" not in enc:
+            raise RmkitError(f"{folder}/meta.json records no encoding (max_length, truncation side)",
+                             hint="it was written by an older rmkit; evaluate it as a plain folder by "
+                                  "copying it without meta.json")
+        encoding = Encoding("prompt+response", max_length or int(enc["max_length"]),
+                            enc.get("truncation_side", "left"), enc.get("padding_side", "right"),
+                            bool(enc.get("append_eos", False)))
+        recipe = folder / RECIPE_FILE
+        return Checkpoint(folder, label, "rmkit", meta, encoding, recipe if recipe.is_file() else None)
+
+    if not (folder / "config.json").is_file():
+        present = ", ".join(sorted(p.name for p in folder.iterdir())[:12]) or "(nothing)"
+        raise RmkitError(f"{folder} has neither meta.json nor config.json: not a model folder",
+                         hint=f"{CKPT_HINT}. It holds: {present}")
+    if not any(folder.glob("*.safetensors")):
+        bins = sorted(p.name for p in folder.glob("*.bin"))
+        raise RmkitError(f"{folder} has no safetensors weights" + (f" (it has {', '.join(bins)})" if bins else ""),
+                         hint="rmkit loads safetensors only: re-save the model with "
+                              "`model.save_pretrained(folder, safe_serialization=True)`")
+    config = _read_json(folder / "config.json")
+    archs = config.get("architectures") or []
+    if not any(str(a).endswith("ForSequenceClassification") for a in archs):
+        raise RmkitError(
+            f"{folder} is not a sequence-classification reward model (architectures: {', '.join(archs) or 'none'})",
+            hint="a reward folder is an <Arch>ForSequenceClassification with num_labels 1; make one with "
+                 "`rmkit train grft`")
+    labels = _num_labels(config)
+    if labels != 1:
+        raise RmkitError(f"{folder} is a classifier with {labels} labels, not a reward model",
+                         hint="a reward model has num_labels 1 (one scalar score per text)")
+    pooling = config.get("rmkit_pooling")
+    if pooling in ("mean", "max"):
+        raise RmkitError(f"{folder} was trained with {pooling} pooling, which AutoModelForSequenceClassification "
+                         "does not reproduce", hint="evaluate the rmkit checkpoint folder it came from (with meta.json)")
+    if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()):
+        raise RmkitError(f"{folder} has no tokenizer files", hint="save the tokenizer beside the model "
+                         "(`tokenizer.save_pretrained(folder)`)")
+    meta = {"architectures": archs, "model_type": config.get("model_type"), "num_labels": 1,
+            "rmkit_pooling": pooling}
+    # Right padding: every architecture then scores a padded row exactly as the lone text.
+    encoding = Encoding("whole-text", max_length, "left", "right", False)
+    return Checkpoint(folder, label, "hf", meta, encoding, None)
+
+
+# ---- eval sets --------------------------------------------------------------------------------
+
+def parse_data_arg(arg: str) -> tuple[Path, str]:
+    """PATH[:NAME] -> (path, name); NAME defaults to the file stem. A path that exists as written
+    is taken whole, so a ':' inside a file name still works."""
+    if Path(arg).exists() or ":" not in arg:
+        path, name = Path(arg), ""
+    else:
+        head, name = arg.rsplit(":", 1)
+        path = Path(head)
+    name = name or (path.name if path.is_dir() else path.stem)
+    if not name:
+        raise RmkitError(f"--data {arg!r} names no set", hint="write --data PATH or --data PATH:NAME")
+    return path, name
+
+
+def load_data_args(args: list[str], domain: str | None) -> list[EvalSet]:
+    """Read every --data file (any format `load_source` reads); a bad file fails before scoring."""
+    from rmkit.data.readers import load_source
+    from rmkit.io import sha256_file
+
+    sets: list[EvalSet] = []
+    for arg in args:
+        path, name = parse_data_arg(arg)
+        if any(s.name == name for s in sets):
+            raise RmkitError(f"two --data sets are named '{name}'", where=f"--data {arg}",
+                             hint="name them apart with PATH:NAME")
+        if not path.exists():
+            raise RmkitError(f"no such data file: {path}", where=f"--data {arg}",
+                             hint="paths are relative to the current folder")
+        try:
+            res = load_source(path, domain=domain)
+        except RmkitError as e:
+            if e.where is None:
+                e.where = f"--data {path}"
+            raise
+        source = {"path": str(path), "sha256": sha256_file(path) if path.is_file() else None,
+                  "format": res.format, "domain": domain, "split": "all", "limit": None,
+                  "rows_read": res.read, "dropped": dict(res.dropped)}
+        sets.append(EvalSet(name, res.records, source))
+    return sets
+
+
+def load_recipe_sets(ckpt: Checkpoint) -> list[EvalSet]:
+    """The checkpoint's own `data.eval` sets, resolved exactly as training resolved them."""
+    from rmkit.recipe import load_recipe
+    from rmkit.train.rundir import load_eval_sets
+
+    if ckpt.recipe is None:
+        what = "a plain model folder with no training recipe" if ckpt.kind == "hf" else f"missing {RECIPE_FILE}"
+        raise RmkitError(f"{ckpt.label} has no eval sets of its own ({what})",
+                         hint="pass the data: --data PATH[:NAME] (repeatable; DSP files also need --domain)")
+    recipe = load_recipe(ckpt.recipe)
+    if not recipe.data.eval:
+        raise RmkitError(f"the recipe saved in {ckpt.label} has no data.eval sets",
+                         hint="pass the data: --data PATH[:NAME] (repeatable)")
+    try:
+        loaded = load_eval_sets(recipe)
+    except RmkitError as e:
+        e.where = f"{ckpt.recipe}: {e.where}" if e.where else str(ckpt.recipe)
+        e.hint = (e.hint + "; " if e.hint else "") + "or pass the data with --data PATH[:NAME]"
+        raise
+    return [EvalSet(name, recs, {k: v for k, v in info.items() if k != "weight"})
+            for name, (recs, info) in loaded.items()]
+
+
+def gather_sets(checkpoints: list[Checkpoint], data: list[str], domain: str | None) -> list[EvalSet]:
+    """--data sets, or the union of the recipe sets of the checkpoints that have a recipe (same
+    name, other records -> the later one is renamed NAME@CHECKPOINT, never silently merged);
+    every checkpoint is scored on every set."""
+    if data:
+        return load_data_args(data, domain)
+    if domain is not None:
+        raise RmkitError("--domain applies to --data files only",
+                         hint="the recipe's eval sets carry their own domain; to score DSP data for another "
+                              "domain pass --data PATH:NAME --domain D")
+    sets: list[EvalSet] = []
+    seen: dict[str, str] = {}
+    with_recipe = [c for c in checkpoints if c.recipe is not None] or checkpoints[:1]
+    for ckpt in with_recipe:
+        for s in load_recipe_sets(ckpt):
+            fp = s.fingerprint()
+            if seen.get(s.name) == fp:
+                continue
+            if s.name in seen:
+                s.name = f"{s.name}@{ckpt.label}"
+            seen[s.name] = fp
+            sets.append(s)
+    return sets
+
+
+# ---- encoding for plain folders -----------------------------------------------------------------
+
+def _whole_ids(tokenizer: Any, text: str, max_length: int, side: str) -> tuple[list[int], bool]:
+    """`tokenizer(text)` ids; an over-long text loses body tokens from `side` and keeps the special
+    tokens the tokenizer puts around it (BOS, CLS/SEP), so the model still sees its frame."""
+    full = list(tokenizer(text)["input_ids"])
+    if len(full) <= max_length:
+        return full, False
+    plain = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    for start in range(0, min(8, len(full) - len(plain)) + 1):
+        if full[start:start + len(plain)] == plain:
+            prefix, suffix = full[:start], full[start + len(plain):]
+            keep = max_length - len(prefix) - len(suffix)
+            if keep > 0:
+                body = plain[len(plain) - keep:] if side == "left" else plain[:keep]
+                return prefix + body + suffix, True
+            break
+    return (full[len(full) - max_length:] if side == "left" else full[:max_length]), True
+
+
+def encode_whole_text(record: Record, tokenizer: Any, max_length: int, side: str = "left") -> "EncodedRecord":
+    """Each response as `tokenizer(prompt + response)` encodes it. The rows' common token prefix is
+    stored as the record's prompt ids, so prompt_ids + response_ids[i] is exactly row i and a
+    scorer that shares the prompt can share it too (every row keeps at least one own token)."""
+    from rmkit.data.collate import EncodedRecord
+
+    rows, truncated = [], False
+    for response in record.responses:
+        ids, cut = _whole_ids(tokenizer, record.prompt + response, max_length, side)
+        rows.append(ids)
+        truncated |= cut
+    k = 0
+    limit = min(len(r) for r in rows) - 1
+    while k < limit and all(r[k] == rows[0][k] for r in rows):
+        k += 1
+    return EncodedRecord(rows[0][:k], [r[k:] for r in rows], tuple(float(s) for s in record.scores), truncated)
+
+
+# ---- loading models ----------------------------------------------------------------------------
+
+class _HFReward:
+    """Wraps an AutoModelForSequenceClassification so `score_shard` reads `.rewards` from it.
+
+    Position ids are left to the model (right padding makes them those of the lone text). It
+    reads one row per response: a packed (prefix-shared) batch is refused, never misread.
+    """
+
+    supports_packing = False
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def __call__(self, input_ids: "torch.Tensor", attention_mask: "torch.Tensor",
+                 position_ids: "torch.Tensor | None" = None, segment_ids: "torch.Tensor | None" = None,
+                 **_: Any) -> Any:
+        from rmkit.model import RewardOutput
+
+        if segment_ids is not None:
+            raise ValueError("a plain Hugging Face reward model scores one row per response; "
+                             "score_shard must not pack its batches")
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return RewardOutput(logits.squeeze(-1).float(), None, 0)
+
+
+def default_device() -> tuple["torch.device", "torch.dtype"]:
+    """The first GPU in bf16 when there is one, else the CPU in fp32 (bf16 is slow on most CPUs)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def load_scorer(ckpt: Checkpoint, device: "torch.device | None" = None, dtype: "torch.dtype | None" = None,
+                trust_remote_code: bool = False) -> Scorer:
+    """Load weights and tokenizer onto the device, in eval mode; a folder that passed the checks
+    but still fails to load (damaged weights, unknown architecture) is a clear error too."""
+    try:
+        return _load_scorer(ckpt, device, dtype, trust_remote_code)
+    except RmkitError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise RmkitError(f"could not load {ckpt.label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                         hint="check that the folder loads with transformers; re-save or re-download it") from None
+
+
+def _load_scorer(ckpt: Checkpoint, device: "torch.device | None", dtype: "torch.dtype | None",
+                 trust_remote_code: bool) -> Scorer:
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if device is None or dtype is None:
+        d, t = default_device()
+        device, dtype = device or d, dtype or t
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # load reports and over-length warnings: we count truncation ourselves
+    hf_logging.disable_progress_bar()  # our own bar is the progress display
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path), local_files_only=True,
+                                                  trust_remote_code=trust_remote_code)
+        if ckpt.kind == "rmkit":
+            from rmkit.model import RewardModel
+
+            if tokenizer.pad_token_id is None:  # as training does
+                tokenizer.pad_token = tokenizer.eos_token
+            model = RewardModel.from_pretrained(ckpt.path, pooling=ckpt.meta.get("pooling"), dtype=dtype,
+                                                trust_remote_code=trust_remote_code)
+            model.to(device).eval()
+            return Scorer(ckpt, model, tokenizer, int(tokenizer.pad_token_id), device, dtype)
+
+        from transformers import AutoModelForSequenceClassification
+
+        hf = AutoModelForSequenceClassification.from_pretrained(
+            str(ckpt.path), dtype=dtype, local_files_only=True, use_safetensors=True,
+            trust_remote_code=trust_remote_code)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    hf.to(device).eval()
+    text = hf.config.get_text_config()
+    if getattr(text, "pad_token_id", None) is None:
+        # HF pools at the last token that is not padding; batching needs some pad id.
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        text.pad_token_id = int(pad if pad is not None else 0)
+        hf.config.pad_token_id = text.pad_token_id
+    if ckpt.encoding.max_length is None:
+        limits = [int(v) for v in (getattr(text, "max_position_embeddings", None), getattr(text, "n_positions", None),
+                                   tokenizer.model_max_length) if isinstance(v, int) and 1 < v < 1_000_000]
+        ckpt.encoding.max_length = min(limits) if limits else FALLBACK_MAX_LENGTH
+    return Scorer(ckpt, _HFReward(hf), tokenizer, int(text.pad_token_id), device, dtype)
+
+
+# ---- scoring -----------------------------------------------------------------------------------
+
+def score_records(scorer: Scorer, records: list[Record], batch_size: int = DEFAULT_BATCH_SIZE,
+                  padding_side: str | None = None, progress: Callable[[int], None] | None = None,
+                  prefix_sharing: bool | None = None) -> tuple[list["EncodedRecord"], list[list[float]]]:
+    """Rewards for every response of every record, in record order (one process).
+
+    prefix_sharing: None = wherever the model supports it (rmkit checkpoints; a plain HF model
+    reads one row per response); False forces one row per response (the reference layout)."""
+    import torch
+
+    from rmkit.score import score_shard
+
+    if batch_size < 1:
+        raise RmkitError(f"--batch-size must be at least 1, got {batch_size}")
+    side = padding_side or scorer.encoding.padding_side
+    if side != "right" and scorer.checkpoint.kind == "hf":
+        raise ValueError("plain Hugging Face folders are scored right-padded only")
+    share = scorer.checkpoint.kind == "rmkit" if prefix_sharing is None else prefix_sharing
+    if share and scorer.checkpoint.kind == "hf":
+        raise ValueError("plain Hugging Face folders cannot share the prompt: they read one row per text")
+    encoded = [scorer.encode(r) for r in records]
+    rewards: list[list[float]] = [[] for _ in records]
+    with torch.inference_mode():
+        for i, r in score_shard(scorer.model, encoded, batch_size, scorer.pad_id, side, rank=0, world=1,
+                                device=scorer.device, progress=progress,
+                                prefix_sharing=share):
+            rewards[i] = r
+    return encoded, rewards
+
+
+def set_result(records: list[Record], encoded: list["EncodedRecord"], rewards: list[list[float]]) -> "SetResult":
+    """Accuracy, group metrics, margins, length baseline and truncation over one set."""
+    from rmkit.score import SetResult, tally
+
+    result = SetResult()
+    for rec, enc, r in zip(records, encoded, rewards):
+        tally(result, enc, r, [len(s) for s in rec.responses])
+    return result
+
+
+def _finite(value: Any) -> Any:
+    """NaN (a metric with no denominator) -> None, so the report is strict JSON."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _progress_bar() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from rmkit.console import err_console
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=err_console, transient=True, disable=not err_console.is_terminal)
+
+
+def run_eval(checkpoint_args: list[str], data: list[str] | None = None, domain: str | None = None,
+             batch_size: int = DEFAULT_BATCH_SIZE, max_length: int | None = None, json_out: Path | None = None,
+             trust_remote_code: bool = False, padding_side: str | None = None) -> dict[str, Any]:
+    """Evaluate every checkpoint on every set; returns (and with json_out writes) the report."""
+    import gc
+
+    if batch_size < 1:
+        raise RmkitError(f"--batch-size must be at least 1, got {batch_size}")
+    if not checkpoint_args:
+        raise RmkitError("no checkpoint given", hint="rmkit eval CKPT [CKPT ...]")
+    checkpoints = [inspect_checkpoint(p, max_length) for p in checkpoint_args]
+    labels = [c.label for c in checkpoints]
+    if len(set(labels)) != len(labels):
+        raise RmkitError("a checkpoint is given twice", hint="list each folder once")
+    if json_out is not None and Path(json_out).is_dir():
+        raise RmkitError(f"--json {json_out} is a folder", hint="give a file name, e.g. --json eval.json")
+    sets = gather_sets(checkpoints, data or [], domain)
+
+    import torch
+
+    device, dtype = default_device()
+    report: dict[str, Any] = {
+        "rmkit_version": __version__, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "device": str(device), "dtype": str(dtype).removeprefix("torch."), "batch_size": batch_size,
+        "sets": {s.name: {"source": s.source, "records": len(s.records),
+                          "pairs": sum(len(r.pairs()) for r in s.records)} for s in sets},
+        "checkpoints": [],
+    }
+    with _progress_bar() as bar:
+        for ckpt in checkpoints:
+            t_load = time.perf_counter()
+            scorer = load_scorer(ckpt, device, dtype, trust_remote_code)
+            entry: dict[str, Any] = {"label": ckpt.label, "path": str(ckpt.path.resolve()), "kind": ckpt.kind,
+                                     "meta": ckpt.meta, "encoding": ckpt.encoding.as_dict(),
+                                     "load_seconds": round(time.perf_counter() - t_load, 3), "results": {}}
+            for s in sets:
+                task = bar.add_task(f"{ckpt.label} · {s.name}", total=len(s.records),
+                                    visible=len(s.records) >= PROGRESS_MIN_RECORDS)
+                t0 = time.perf_counter()
+                encoded, rewards = score_records(scorer, s.records, batch_size, padding_side,
+                                                 progress=lambda n, t=task: bar.advance(t, n))
+                seconds = time.perf_counter() - t0
+                bar.remove_task(task)
+                summary = set_result(s.records, encoded, rewards).summary()
+                summary["seconds"] = round(seconds, 3)
+                summary["pairs_per_s"] = round(summary["pairs"] / seconds, 2) if seconds > 0 else None
+                entry["results"][s.name] = {k: _finite(v) for k, v in summary.items()}
+            report["checkpoints"].append(entry)
+            del scorer
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if json_out is not None:
+        atomic_write_json(json_out, report)
+    return report
+
+
+# ---- the table ---------------------------------------------------------------------------------
+
+def _pct(v: Any) -> str:
+    return "—" if v is None else f"{100 * v:.1f}"
+
+
+def report_table(report: dict[str, Any]) -> Any:
+    """One rich table: a section per set, a row per checkpoint (side by side)."""
+    from rich import box
+    from rich.table import Table
+
+    t = Table(title=f"rmkit eval ({report['device']}, {report['dtype']}): accuracy in % of pairs; "
+                    "all, top-2 in % of groups of 3+", title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("set", "checkpoint"):
+        t.add_column(col, overflow="fold")
+    for col in ("pairs", "acc", "all", "top-2", "margin", "length", "ties", "trunc"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for k, name in enumerate(report["sets"]):
+        if k:
+            t.add_section()
+        for n, c in enumerate(report["checkpoints"]):
+            r = c["results"][name]
+            margin = "—" if r["mean_margin"] is None or not r["pairs"] else f"{r['mean_margin']:+.3f}"
+            t.add_row(name if n == 0 else "", c["label"], str(r["pairs"]), _pct(r["accuracy"]),
+                      _pct(r["group_all_pairs_acc"]), _pct(r["group_top2_acc"]), margin,
+                      _pct(r["length_baseline"]), str(r["ties_skipped"]),
+                      f"{r['truncated']}/{r['records']}")
+    return t
+
+
+def report_notes(report: dict[str, Any]) -> list[str]:
+    """What the table cannot show: records dropped on read, truncation, group coverage."""
+    notes = []
+    for name, s in report["sets"].items():
+        dropped = s["source"].get("dropped") or {}
+        if dropped:
+            notes.append(f"{name}: dropped on read: " + ", ".join(f"{n} {why}" for why, n in dropped.items()))
+    for c in report["checkpoints"]:
+        cut = {n: r["truncated"] for n, r in c["results"].items() if r["truncated"]}
+        if cut:
+            notes.append(f"{c['label']}: records truncated to max_length {c['encoding']['max_length']}: "
+                         + ", ".join(f"{n} {k}" for k, n in cut.items()))
+    notes.append("acc: pairs ranked right (equal scores are skipped and counted under ties; an equal reward "
+                 "counts as wrong). all / top-2: records of 3+ responses with every pair right / with their "
+                 "two best responses in order. length: the longer response wins. margin: mean reward(better) "
+                 "- reward(worse). trunc: records cut to max_length.")
+    return notes
+
+
+# ---- --score-only ------------------------------------------------------------------------------
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """{"prompt", "response"} rows; a bad row names its file and line."""
+    if not path.exists():
+        raise RmkitError(f"no such data file: {path}", where="--data", hint="paths are relative to the current folder")
+    if path.is_dir():
+        raise RmkitError(f"{path} is a folder; --score-only reads one JSONL file", where="--data")
+    rows = []
+    for lineno, row in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        if not isinstance(row, dict):
+            raise RmkitError("a row must be a JSON object", where=where, hint='each line: {"prompt": ..., "response": ...}')
+        for key in ("prompt", "response"):
+            if not isinstance(row.get(key), str):
+                raise RmkitError(f"field '{key}' must be a string" + ("" if key in row else " (missing)"), where=where,
+                                 hint='each line: {"prompt": ..., "response": ...}')
+        rows.append(row)
+    if not rows:
+        raise RmkitError(f"{path} holds no rows", hint='each line: {"prompt": ..., "response": ...}')
+    return rows
+
+
+def score_file(checkpoint: str, data: Path, out: Path, batch_size: int = DEFAULT_BATCH_SIZE,
+               max_length: int | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Write each row back with its reward, in input order; returns counts (rows, truncated)."""
+    if Path(out).resolve() == Path(data).resolve():
+        raise RmkitError("-o would overwrite the --data file", hint="write the rewards to another file")
+    ckpt = inspect_checkpoint(checkpoint, max_length)
+    rows = read_rows(Path(data))
+    records = [Record(r["prompt"], (r["response"],), (0.0,)) for r in rows]
+    scorer = load_scorer(ckpt, trust_remote_code=trust_remote_code)
+    t0 = time.perf_counter()
+    with _progress_bar() as bar:
+        task = bar.add_task(f"{ckpt.label} · {Path(data).name}", total=len(records),
+                            visible=len(records) >= PROGRESS_MIN_RECORDS)
+        encoded, rewards = score_records(scorer, records, batch_size, progress=lambda n: bar.advance(task, n))
+    seconds = time.perf_counter() - t0
+    atomic_write_jsonl(out, ({**row, "reward": r[0]} for row, r in zip(rows, rewards)))
+    return {"rows": len(rows), "truncated": sum(e.truncated for e in encoded), "seconds": seconds,
+            "max_length": ckpt.encoding.max_length, "device": str(scorer.device)}

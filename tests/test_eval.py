@@ -1,0 +1,312 @@
+"""`rmkit eval` on a tiny random Llama: exact rewards, invariance, hand-computed metrics, the CLI.
+
+One real 1-step training run (module fixture, ~15 s) gives an rmkit checkpoint; a plain Hugging
+Face reward folder is saved with AutoModelForSequenceClassification.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rmkit.data.records import Record, write_records
+
+HAND_REWARDS = [[0.5, 0.2], [1.0, 1.5, 0.0], [2.0, 1.0, 0.0], [0.7, 0.7]]
+
+
+def rmkit(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "rmkit", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=cwd)
+
+
+def _toy_records() -> list[Record]:
+    """Pairs of varied lengths, two 3-response groups (one with a tie), one over-long prompt."""
+    recs = []
+    for i in range(8):
+        prompt = f"## Human:\nquestion {i} " + "about item " * (i % 4) + f"{i % 5}\n\n## Assistant:\n"
+        recs.append(Record(prompt, (" yes that is right", " no that is wrong" + " really" * (i % 3)), (1.0, 0.0),
+                           "toy", "business"))
+    recs.append(Record("## Human:\nrank these\n\n## Assistant:\n", (" yes", " no that is wrong", " maybe"),
+                       (2.0, 1.0, 1.0), "toy"))
+    recs.append(Record("## Human:\nand these\n\n## Assistant:\n", (" yes that is right", " maybe so", " no"),
+                       (3.0, 2.0, 1.0), "toy"))
+    recs.append(Record("## Human:\n" + "a very long question " * 12 + "\n\n## Assistant:\n",
+                       (" yes that is right", " no that is wrong"), (1.0, 0.0), "toy"))
+    return recs
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("eval-data") / "toy.jsonl"
+    write_records(path, _toy_records())
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, toy_data: Path) -> Path:
+    """A real GRFT run (1 step) whose recipe has an eval set with a split and a limit."""
+    tmp = tmp_path_factory.mktemp("eval-run")
+    recipe = tmp / "grft.yaml"
+    recipe.write_text(f"""
+stage: grft
+model: {{path: "{tiny_model_dir}"}}
+data:
+  train: [{{path: "{toy_data}"}}]
+  eval: {{toy: {{path: "{toy_data}", limit: 10}}}}
+  max_length: 64
+train: {{lr: 1.0e-2, schedule: constant, global_batch: 4, micro_batch: 2, max_steps: 1, seed: 3,
+        output_dir: "{tmp / 'run'}"}}
+launch: {{deepspeed: zero2, gpus: 1, precision: fp32}}
+""")
+    res = rmkit("train", "grft", "--recipe", str(recipe))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A plain HF reward folder (no meta.json): LlamaForSequenceClassification, num_labels 1."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(1)
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
+    with torch.no_grad():
+        model.score.weight.mul_(40.0)  # rewards of order 1, so float noise cannot pass for a difference
+    out = tmp_path_factory.mktemp("hf-reward")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(out)
+    return out
+
+
+def _cpu_scorer(folder: Path, max_length: int | None = None):  # type: ignore[no-untyped-def]
+    from rmkit.evaluate import inspect_checkpoint, load_scorer
+
+    return load_scorer(inspect_checkpoint(folder, max_length), torch.device("cpu"), torch.float32)
+
+
+# ---- rewards --------------------------------------------------------------------------------------
+
+def test_hf_folder_rewards_equal_model_on_tokenizer_text(hf_dir: Path, tiny_records: list[Record]) -> None:
+    """reward == model(**tokenizer(prompt + response)).logits, one text at a time, batched 3 records."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rmkit.evaluate import score_records
+
+    records = tiny_records + _toy_records()[:4]
+    scorer = _cpu_scorer(hf_dir)
+    assert scorer.checkpoint.kind == "hf" and scorer.encoding.max_length == 512  # max_position_embeddings
+    encoded, rewards = score_records(scorer, records, batch_size=3)
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(str(hf_dir)).eval()
+    for rec, enc, got in zip(records, encoded, rewards):
+        for k, response in enumerate(rec.responses):
+            inputs = tok(rec.prompt + response, return_tensors="pt")
+            assert enc.prompt_ids + enc.response_ids[k] == inputs["input_ids"][0].tolist()
+            with torch.no_grad():
+                want = model(**inputs).logits[0, 0].item()
+            assert got[k] == pytest.approx(want, abs=1e-5)
+    assert len({tuple(r) for r in rewards}) == len(records) and max(abs(x) for r in rewards for x in r) > 0.05
+
+
+def test_hf_folder_truncation_keeps_bos_and_the_end_and_is_counted(hf_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from rmkit.evaluate import score_records
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    rec = Record("## Human:\n" + "a very long question " * 12 + "\n\n## Assistant:\n", (" yes", " no"), (1.0, 0.0))
+    encoded, _ = score_records(_cpu_scorer(hf_dir, max_length=16), [rec], batch_size=1)
+    row = encoded[0].prompt_ids + encoded[0].response_ids[0]
+    full = tok(rec.prompt + " yes")["input_ids"]
+    assert encoded[0].truncated and len(row) == 16
+    assert row == [tok.bos_token_id] + full[-15:]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_rewards_and_accuracy_do_not_depend_on_batch_or_padding(trained: Path, batch_size: int,
+                                                                padding_side: str) -> None:
+    from rmkit.evaluate import score_records, set_result
+
+    records = _toy_records()
+    scorer = _cpu_scorer(trained / "final")
+    # reference: one record per forward, one row per response (no prefix sharing), right padding
+    ref_enc, ref = score_records(scorer, records, batch_size=1, padding_side="right", prefix_sharing=False)
+    assert len({len(e.prompt_ids) + len(r) for e in ref_enc for r in e.response_ids}) > 5  # rows really pad
+    assert sum(e.truncated for e in ref_enc) == 1
+    enc, got = score_records(scorer, records, batch_size=batch_size, padding_side=padding_side)
+    torch.testing.assert_close(torch.tensor([x for r in got for x in r]), torch.tensor([x for r in ref for x in r]),
+                               atol=1e-5, rtol=1e-5)
+    a, b = set_result(records, enc, got).summary(), set_result(records, ref_enc, ref).summary()
+    assert a.pop("mean_margin") == pytest.approx(b.pop("mean_margin"), abs=1e-5)
+    assert a == b  # accuracy, group metrics, ties, truncation: identical
+
+
+# ---- metrics --------------------------------------------------------------------------------------
+
+def _hand_set(path: Path) -> Path:
+    write_records(path, [
+        Record("p1", ("long answer", "no"), (1.0, 0.0)),
+        Record("p2", ("mid", "longest one", "x"), (2.0, 1.0, 1.0)),
+        Record("p3", ("a", "bb", "ccc"), (3.0, 2.0, 1.0)),
+        Record("p4", ("same", "diff"), (0.0, 1.0)),
+    ])
+    return path
+
+
+def test_metrics_by_hand(hf_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rewards chosen by hand (score_shard replaced); every figure worked out below.
+
+    p1 (1,0) r(.5,.2): right, margin .3, longer wins.  p2 (2,1,1) r(1,1.5,0): 0>1 wrong (-.5), 0>2 right
+    (1.0), 1~2 tie skipped; group not all right; top-2 = responses 0,1: wrong. p3 (3,2,1) r(2,1,0): 3 pairs
+    right (1, 2, 1); group all right and top-2 right; longer never wins. p4 (0,1) r(.7,.7): equal reward
+    counts wrong, margin 0. Pairs 7, right 5, margin 4.8/7, length 2/7 (p1, p2's 0>2), groups 2.
+    """
+    import rmkit.score
+    from rmkit.evaluate import run_eval
+
+    def fake(model, encoded, *args, **kwargs):  # type: ignore[no-untyped-def]
+        assert [len(e.response_ids) for e in encoded] == [2, 3, 3, 2]
+        return [(i, HAND_REWARDS[i]) for i in range(len(encoded))]
+
+    monkeypatch.setattr(rmkit.score, "score_shard", fake)
+    out = tmp_path / "report.json"
+    report = run_eval([str(hf_dir)], [f"{_hand_set(tmp_path / 'hand.jsonl')}:hand"], json_out=out)
+    r = report["checkpoints"][0]["results"]["hand"]
+    assert (r["pairs"], r["ties_skipped"], r["records"], r["truncated"]) == (7, 1, 4, 0)
+    assert r["accuracy"] == pytest.approx(5 / 7)
+    assert r["mean_margin"] == pytest.approx(4.8 / 7)
+    assert r["length_baseline"] == pytest.approx(2 / 7)
+    assert r["group_all_pairs_acc"] == 0.5 and r["group_top2_acc"] == 0.5
+    assert json.loads(out.read_text()) == report
+
+
+# ---- the CLI -------------------------------------------------------------------------------------
+
+def test_no_data_uses_the_recipe_eval_sets_and_matches_training(trained: Path, hf_dir: Path) -> None:
+    """No --data: the saved recipe's `toy` set (limit 10), the same figures training's final eval
+    wrote; a plain folder given beside it (no recipe of its own) is scored on the same set."""
+    out = trained.parent / "eval.json"
+    res = rmkit("eval", str(trained / "final"), str(hf_dir), "--json", str(out), "--batch-size", "3")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(out.read_text())
+    ours = report["checkpoints"][0]["results"]["toy"]
+    theirs = json.loads((trained / "eval_final.json").read_text())["toy"]
+    for key in ("accuracy", "pairs", "length_baseline", "ties_skipped", "truncated", "records",
+                "group_all_pairs_acc", "group_top2_acc"):
+        assert ours[key] == (None if isinstance(theirs[key], float) and theirs[key] != theirs[key] else theirs[key]), key
+    assert ours["mean_margin"] == pytest.approx(theirs["mean_margin"], abs=1e-5)
+    assert ours["records"] == 10 and ours["pairs"] == 13 and ours["truncated"] == 0
+    ckpt = report["checkpoints"][0]
+    assert ckpt["kind"] == "rmkit" and ckpt["meta"]["stage"] == "grft" and ckpt["meta"]["step"] == 1
+    assert ckpt["encoding"] == {"style": "prompt+response", "max_length": 64, "truncation_side": "left",
+                                "padding_side": "right", "append_eos": False}
+    assert report["sets"]["toy"]["source"]["limit"] == 10 and report["batch_size"] == 3
+    assert list(report["sets"]) == ["toy"] and report["checkpoints"][1]["results"]["toy"]["pairs"] == 13
+    assert "toy" in res.stdout and str(trained / "final") in res.stdout
+
+
+def test_two_checkpoints_side_by_side_on_data(trained: Path, hf_dir: Path, toy_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "two.json"
+    res = rmkit("eval", str(trained / "final"), str(hf_dir), "--data", f"{toy_data}:mine", "--json", str(out))
+    assert res.returncode == 0, res.stderr
+    report = json.loads(out.read_text())
+    assert [c["kind"] for c in report["checkpoints"]] == ["rmkit", "hf"]
+    rm, hf = (c["results"]["mine"] for c in report["checkpoints"])
+    assert rm["pairs"] == hf["pairs"] == 14 and rm["ties_skipped"] == 1
+    assert (rm["truncated"], hf["truncated"]) == (1, 0)  # max_length 64 (its recipe) vs 512 (its config)
+    assert rm["length_baseline"] == hf["length_baseline"]
+    assert report["checkpoints"][1]["encoding"]["style"] == "whole-text"
+    assert report["sets"]["mine"]["source"]["format"] == "canonical"
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    want = [[c["label"], "14", pct(r["accuracy"]), pct(r["group_all_pairs_acc"]), pct(r["group_top2_acc"]),
+             f"{r['mean_margin']:+.3f}", pct(r["length_baseline"]), "1", f"{r['truncated']}/11"]
+            for c, r in zip(report["checkpoints"], (rm, hf))]
+    rows = [l.split()[-9:] for l in res.stdout.splitlines() if l.rstrip().endswith("/11")]
+    assert rows == want  # one table, a row per checkpoint, the same figures as the JSON
+
+
+def test_score_only_writes_a_reward_per_row(hf_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rows = [{"prompt": "User: hi. Assistant:", "response": " Hello.", "id": 7},
+            {"prompt": "User: bread? Assistant:", "response": " Mix flour, water and yeast."},
+            {"prompt": "", "response": "A fox."}]
+    src, out = tmp_path / "rows.jsonl", tmp_path / "rewards.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = rmkit("eval", str(hf_dir), "--score-only", "--data", str(src), "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "scored 3 rows" in res.stdout and "0 truncated" in res.stdout
+    got = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [{k: v for k, v in g.items() if k != "reward"} for g in got] == rows
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(str(hf_dir)).eval()
+    with torch.no_grad():
+        want = [model(**tok(r["prompt"] + r["response"], return_tensors="pt")).logits[0, 0].item() for r in rows]
+    assert [g["reward"] for g in got] == pytest.approx(want, abs=1e-5)
+
+
+def _no_safetensors(tmp: Path, hf_dir: Path) -> Path:
+    d = tmp / "bin-only"
+    shutil.copytree(hf_dir, d)
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(b"\0")
+    return d
+
+
+def _two_labels(tmp: Path, hf_dir: Path) -> Path:
+    d = tmp / "two-labels"
+    shutil.copytree(hf_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["id2label"] = {"0": "bad", "1": "good"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def _incomplete(tmp: Path, trained: Path) -> Path:
+    d = tmp / "half"
+    shutil.copytree(trained / "final", d)
+    with open(d / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    return d
+
+
+@pytest.mark.parametrize("case", ["missing", "no-safetensors", "two-labels", "incomplete", "data-missing",
+                                  "data-bad", "domain-without-data"])
+def test_bad_input_exits_2_with_a_clear_message_and_no_json(case: str, trained: Path, hf_dir: Path,
+                                                            toy_data: Path, tmp_path: Path) -> None:
+    good = str(trained / "final")
+    data = ["--data", str(toy_data)]
+    if case == "missing":
+        args, msg = [good, str(tmp_path / "nope"), *data], f"error: no such checkpoint folder: {tmp_path / 'nope'}"
+    elif case == "no-safetensors":
+        d = _no_safetensors(tmp_path, hf_dir)
+        args, msg = [str(d), *data], f"error: {d} has no safetensors weights (it has pytorch_model.bin)"
+    elif case == "two-labels":
+        d = _two_labels(tmp_path, hf_dir)
+        args, msg = [str(d), *data], f"error: {d} is a classifier with 2 labels, not a reward model"
+    elif case == "incomplete":
+        d = _incomplete(tmp_path, trained)
+        args, msg = [str(d)], f"error: {d} is not a complete rmkit checkpoint"
+    elif case == "data-missing":
+        args, msg = [good, "--data", "nope.jsonl:x"], "error: --data nope.jsonl:x: no such data file: nope.jsonl"
+    elif case == "data-bad":
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"prompt": "p", "responses": ["a", "b"], "scores": [1, 0]}\n{"prompt": \n')
+        args, msg = [good, "--data", str(bad)], f"error: {bad}:2: invalid JSON"
+    else:
+        args, msg = [good, "--domain", "business"], "error: --domain applies to --data files only"
+    out = tmp_path / "report.json"
+    res = rmkit("eval", *args, "--json", str(out))
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.startswith(msg), res.stderr
+    assert "Traceback" not in res.stderr and "hint:" in res.stderr
+    assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
