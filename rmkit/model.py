@@ -5,6 +5,11 @@ and right padding give the same reward. The causal LM's head stays attached: the
 loss (the paper's LM loss on the preferred response) is computed only on target positions, in
 checkpointed chunks, so full [tokens, vocab] logits never exist.
 
+Rows are either one per response or packed (`collate_packed`: each record one block
+[prompt][resp_1][resp_2]..., blocks bin-packed into rows): then a 4-D mask keeps responses and
+records apart, each prompt is computed once, and the rewards (one per response, same order)
+equal the unshared ones. docs/benchmarks.md draws it.
+
 A reward model saves as a Hugging Face `<Arch>ForSequenceClassification` folder that
 `AutoModelForSequenceClassification.from_pretrained` loads with the same rewards (pooling
 "last"/"eos"), or as a plain causal-LM folder (the BLT stage output).
@@ -189,23 +194,79 @@ class RewardModel(nn.Module):
     # ---- forward -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None, lm_labels: torch.Tensor | None = None,
-                lm_chunk_size: int = 1024, lm_min_chunks: int = 0) -> RewardOutput:
-        """Rewards for every row, plus the imitation NLL sum when lm_labels has targets.
+                lm_chunk_size: int = 1024, lm_min_chunks: int = 0, segment_ids: torch.Tensor | None = None,
+                response_end: torch.Tensor | None = None, record_index: torch.Tensor | None = None) -> RewardOutput:
+        """Rewards for every response, plus the imitation NLL sum when lm_labels has targets.
 
-        lm_labels[i, t] is the token expected at position t (-100 = none); the hidden state at
-        t-1 predicts it. lm_min_chunks: under ZeRO-3 pass the largest chunk count over ranks
-        (all_reduce MAX of ceil(targets / lm_chunk_size)), so every rank calls lm_head equally
-        often (its weight is gathered collectively) and every rank gives it a gradient; the
-        padding chunks add exactly 0.
+        Unshared layout (one row per response): lm_labels[i, t] is the token expected at
+        position t (-100 = none); the hidden state at t-1 predicts it. Packed layout (rows from
+        `collate_packed`: segment_ids, response_end and record_index given, position_ids
+        required): prompts are shared, the attention mask is built from segment_ids, rewards
+        are read per response, and lm_labels[i, t] is the token position t predicts (shifted).
+        lm_min_chunks: under ZeRO-3 pass the largest chunk count over ranks (all_reduce MAX of
+        ceil(targets / lm_chunk_size)), so every rank calls lm_head equally often (its weight
+        is gathered collectively) and every rank gives it a gradient; the padding chunks add
+        exactly 0.
         """
-        if position_ids is None:
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids, use_cache=False)
-        hidden = out[0]
-        rewards = self.score(self._pool(hidden, attention_mask)).squeeze(-1).float()
-        lm_loss_sum, lm_tokens = self._lm_loss(hidden, lm_labels, lm_chunk_size, lm_min_chunks)
+        if segment_ids is not None:
+            if position_ids is None or response_end is None or record_index is None:
+                raise ValueError("the packed layout needs position_ids, response_end and record_index")
+            mask = self._packed_mask(segment_ids, record_index)
+            out = self.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                  use_cache=False)
+            hidden = out[0]
+            pooled = self._pool_packed(hidden, segment_ids, response_end, record_index)
+            shifted = True
+        else:
+            if position_ids is None:
+                position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, use_cache=False)
+            hidden = out[0]
+            pooled = self._pool(hidden, attention_mask)
+            shifted = False
+        rewards = self.score(pooled).squeeze(-1).float()
+        lm_loss_sum, lm_tokens = self._lm_loss(hidden, lm_labels, lm_chunk_size, lm_min_chunks, shifted)
         return RewardOutput(rewards, lm_loss_sum, lm_tokens)
+
+    @property
+    def attention_scale(self) -> float:
+        """Per-token matmul FLOPs / attention FLOPs per (query, key) pair: past a row length of
+        about this, attention costs more than the rest of the layer (see `packing_pays`)."""
+        text = self.config.get_text_config()
+        d = text.hidden_size
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or d // heads
+        kv = getattr(text, "num_key_value_heads", None) or heads
+        ffn = getattr(text, "intermediate_size", None) or 4 * d
+        n_ffn = 3 if getattr(text, "hidden_act", "silu") == "silu" else 2  # gated (SwiGLU) MLPs: 3 matrices
+        matmul = 2 * d * heads * head_dim + 2 * d * kv * head_dim + n_ffn * d * ffn
+        return matmul / (2 * heads * head_dim)
+
+    def _packed_mask(self, segment_ids: torch.Tensor, record_index: torch.Tensor) -> torch.Tensor:
+        """[B, 1, L, L] mask for `collate_packed` rows: key k is visible from query q when k <= q
+        and k is in q's own segment or is the prompt of q's record (segment_ids: r >= 0 response
+        r, -2 - i record i's prompt, -1 pad). Padding queries see themselves only (no empty
+        softmax row, so no NaN). Boolean for SDPA (True = attend), additive float for eager."""
+        seg = segment_ids
+        n = seg.shape[1]
+        idx = torch.arange(n, device=seg.device)
+        causal = idx[None, :] <= idx[:, None]  # [q, k]
+        rec = record_index.to(seg.device)
+        # the prompt segment each token may see: its own for prompt tokens, its record's for responses
+        owner = torch.where(seg >= 0, -2 - rec[seg.clamp(min=0)] if rec.numel() else seg, seg)
+        key, query, own = seg[:, None, :], seg[:, :, None], owner[:, :, None]
+        allowed = causal[None] & (key != -1) & ((key == query) | (key == own))
+        allowed = allowed | torch.eye(n, dtype=torch.bool, device=seg.device)[None]
+        impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
+        if impl == "sdpa":
+            return allowed[:, None]
+        if impl == "eager":
+            dtype = self.score.weight.dtype
+            return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min)[:, None]
+        raise RmkitError(f"prefix sharing needs sdpa or eager attention, and this model uses {impl!r}",
+                         hint="set data.prefix_sharing: false in the recipe")
 
     def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         mask = attention_mask.bool()
@@ -221,18 +282,46 @@ class RewardModel(nn.Module):
             return (total / m.sum(1).clamp(min=1)).to(hidden.dtype)
         return hidden.masked_fill(~m, float("-inf")).max(1).values
 
+    def _pool_packed(self, hidden: torch.Tensor, segment_ids: torch.Tensor, response_end: torch.Tensor,
+                     record_index: torch.Tensor) -> torch.Tensor:
+        """[R, H] per response: its last token ("last"/"eos"), or mean/max over its record's
+        prompt tokens plus its own tokens, as its unshared row would pool them."""
+        rows, ends = response_end[:, 0], response_end[:, 1]
+        if self.pooling in ("last", "eos"):
+            return hidden[rows, ends]
+        b, n, h = hidden.shape
+        r = rows.shape[0]
+        n_rec = int(record_index.max()) + 1 if r else 0
+        # Bucket per token: response r -> r, record i's prompt -> R + i, padding -> R + n_rec (unused).
+        seg = segment_ids.reshape(-1)
+        bucket = torch.where(seg >= 0, seg, r - 2 - seg)
+        bucket = torch.where(seg == -1, torch.full_like(seg, r + n_rec), bucket)
+        flat = hidden.reshape(b * n, h)
+        own = torch.arange(r, device=seg.device)
+        prompt = r + record_index.to(seg.device)
+        size = r + n_rec + 1
+        if self.pooling == "mean":
+            sums = flat.new_zeros((size, h), dtype=torch.float32).index_add(0, bucket, flat.float())
+            counts = torch.zeros(size, device=seg.device).index_add(0, bucket, torch.ones(b * n, device=seg.device))
+            total = sums[own] + sums[prompt]
+            return (total / (counts[own] + counts[prompt]).clamp(min=1)[:, None]).to(hidden.dtype)
+        start = flat.new_full((size, h), float("-inf"))
+        top = start.scatter_reduce(0, bucket[:, None].expand(-1, h), flat, "amax", include_self=True)
+        return torch.maximum(top[own], top[prompt])
+
     def _lm_loss(self, hidden: torch.Tensor, lm_labels: torch.Tensor | None, chunk: int,
-                 min_chunks: int) -> tuple[torch.Tensor | None, int]:
+                 min_chunks: int, shifted: bool = False) -> tuple[torch.Tensor | None, int]:
         if lm_labels is None:
             return None, 0
         if chunk < 1:
             raise ValueError(f"lm_chunk_size must be >= 1, got {chunk}")
-        targets = lm_labels[:, 1:]
+        targets = lm_labels if shifted else lm_labels[:, 1:]
+        source = hidden if shifted else hidden[:, :-1]
         selected = targets != IGNORE_INDEX
         n = int(selected.sum())
         if n == 0 and min_chunks <= 0:
             return None, 0
-        h = hidden[:, :-1][selected]  # [n, H]: only the positions that predict a target
+        h = source[selected]  # [n, H]: only the positions that predict a target
         y = targets[selected]
         total = hidden.new_zeros((), dtype=torch.float32)
         n_chunks = 0

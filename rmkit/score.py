@@ -7,10 +7,11 @@ ranks run the same number of forwards (ZeRO-3 gathers parameters collectively pe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-from rmkit.data.collate import EncodedRecord, collate
+from rmkit.data.collate import EncodedRecord, collate, packing_pays
 
 
 @dataclass
@@ -81,23 +82,42 @@ def tally(result: SetResult, enc: EncodedRecord, rewards: list[float], char_leng
 
 @torch.no_grad()
 def score_shard(model: torch.nn.Module, encoded: list[EncodedRecord], batch_size: int, pad_id: int,
-                padding_side: str, rank: int, world: int, device: torch.device) -> list[tuple[int, list[float]]]:
+                padding_side: str, rank: int, world: int, device: torch.device,
+                progress: Callable[[int], None] | None = None,
+                prefix_sharing: bool = True) -> list[tuple[int, list[float]]]:
     """Score this rank's share of records; returns (record index, rewards). Every rank makes the
-    same number of forward calls (short ranks repeat a batch and drop its output)."""
-    order = sorted(range(len(encoded)), key=lambda i: -max(len(encoded[i].prompt_ids) + len(r) for r in encoded[i].response_ids))
+    same number of forward calls (short ranks repeat a batch and drop its output). Rewards stay
+    on the device until one transfer at the end; `progress(n)` is told after each batch of n
+    records. With `prefix_sharing` a batch whose records cost less packed ([prompt][resp_1]...,
+    one row per record) is scored that way; rewards are the same either way. Batches are
+    grouped by the length of the row that costs: the packed row, or the longest response row."""
+    if prefix_sharing:
+        def length(i: int) -> int:
+            return len(encoded[i].prompt_ids) + sum(len(r) for r in encoded[i].response_ids)
+    else:
+        def length(i: int) -> int:
+            return encoded[i].max_length()
+    scale = float(getattr(getattr(model, "module", model), "attention_scale", 4096.0))
+    order = sorted(range(len(encoded)), key=lambda i: (-length(i), i))
     batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
     mine = batches[rank::world]
     n_calls = (len(batches) + world - 1) // world
-    out: list[tuple[int, list[float]]] = []
+    kept: list[torch.Tensor] = []
     for c in range(n_calls):
         ids = mine[c] if c < len(mine) else batches[0]
-        batch = collate([encoded[i] for i in ids], pad_id=pad_id, padding_side=padding_side)
-        res = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                    position_ids=batch.position_ids.to(device))
+        encs = [encoded[i] for i in ids]
+        batch = collate(encs, pad_id=pad_id, padding_side=padding_side,
+                        pack=prefix_sharing and packing_pays(encs, scale))
+        res = model(**batch.model_inputs(device))
         if c >= len(mine):
             continue
-        rewards = res.rewards.float().cpu().tolist()
-        pos = 0
+        kept.append(res.rewards.detach().float())
+        if progress is not None:
+            progress(len(ids))
+    rewards = torch.cat(kept).cpu().tolist() if kept else []
+    out: list[tuple[int, list[float]]] = []
+    pos = 0
+    for ids in mine:
         for i in ids:
             k = len(encoded[i].response_ids)
             out.append((i, rewards[pos:pos + k]))

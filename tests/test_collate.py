@@ -51,7 +51,8 @@ def test_collate_exact_left_padding_whole_target() -> None:
     assert b.input_ids.tolist() == [[0, 5, 6, 7], [5, 6, 8, 9], [0, 0, 5, 3], [0, 5, 4, 4], [0, 0, 5, 2]]
     assert b.attention_mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 1, 1]]
     assert b.position_ids.tolist() == [[0, 0, 1, 2], [0, 1, 2, 3], [0, 0, 0, 1], [0, 0, 1, 2], [0, 0, 0, 1]]
-    assert b.lm_labels.tolist() == [[X, 5, 6, 7], [X] * 4, [X, X, 5, 3], [X] * 4, [X] * 4]
+    # the row's first token (5) is never a target: under left padding a pad would predict it
+    assert b.lm_labels.tolist() == [[X, X, 6, 7], [X] * 4, [X, X, X, 3], [X] * 4, [X] * 4]
     # the same attended positions as right padding
     r = collate(example(), pad_id=0, padding_side="right")
     assert b.position_ids[b.attention_mask.bool()].tolist() == r.position_ids[r.attention_mask.bool()].tolist()

@@ -42,14 +42,18 @@ def test_parse_grid() -> None:
 def test_point_overrides_build_the_mix(tmp_path: Path) -> None:
     base = {"data": {"train": [{"path": "dsp.json", "format": "dsp", "split": "train", "weight": 0.5},
                                {"path": "h.json", "split": "train", "weight": 0.5}]}}
-    sets = point_overrides(base, Point(0.5, 0.25), tmp_path, "g/final", "gen.json")
-    train = json.loads(sets[0].split("=", 1)[1])
-    assert train == [{"path": "dsp.json", "format": "dsp", "split": "train", "weight": 0.75},
-                     {"path": "h.json", "split": "train", "weight": 0.25}]
-    assert "loss.imitation_weight=0.5" in sets and "model.path=g/final" in sets
-    solo = point_overrides(base, Point(1.0, 0.0), tmp_path, None, "gen.json")
-    assert json.loads(solo[0].split("=", 1)[1]) == [{"path": "dsp.json", "format": "dsp", "split": "train"}]
-    assert "data.mix_size=null" in solo
+    sets = dict(s.split("=", 1) for s in point_overrides(base, Point(0.5, 0.25), tmp_path, "g/final", "gen.json",
+                                                        domain_pairs=96, global_batch=8))
+    # the domain budget stays 96 pairs; 25% enrichment adds 32 general pairs: 128 records, 16 steps
+    assert json.loads(sets["data.train"]) == [
+        {"path": "dsp.json", "format": "dsp", "split": "train", "limit": 96, "weight": 0.75},
+        {"path": "h.json", "split": "train", "weight": 0.25}]
+    assert (sets["data.mix_size"], sets["train.max_steps"]) == ("128", "16")
+    assert sets["loss.imitation_weight"] == "0.5" and sets["model.path"] == "g/final"
+    solo = dict(s.split("=", 1) for s in point_overrides(base, Point(1.0, 0.0), tmp_path, None, "gen.json",
+                                                        domain_pairs=96, global_batch=8))
+    assert json.loads(solo["data.train"]) == [{"path": "dsp.json", "format": "dsp", "split": "train", "limit": 96}]
+    assert (solo["data.mix_size"], solo["train.max_steps"]) == ("null", "12")
 
 
 def test_sweep_runs_resumes_and_survives_a_failed_point(tmp_path: Path) -> None:

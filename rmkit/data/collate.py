@@ -53,6 +53,8 @@ class Batch:
 
     input_ids, attention_mask, position_ids, lm_labels: [N, L] long; record_index: [N] long;
     scores: [N] float32; better, worse: [P] long row indices (row better[k] beats worse[k]).
+    Packed (`collate_packed`): N = records, and record_index, scores, better, worse index the
+    R responses (the reward vector) in the same order as the unshared rows.
     """
 
     input_ids: torch.Tensor
@@ -65,10 +67,40 @@ class Batch:
     lm_labels: torch.Tensor
     n_tokens: int  # attended tokens
     n_truncated: int  # records in this batch that lost tokens to max_length
+    # Packed layout only (see `collate(pack=True)`); None in the one-row-per-response layout.
+    segment_ids: torch.Tensor | None = None  # [B, L] long: r response r, -2 - i record i's prompt, -1 pad
+    response_end: torch.Tensor | None = None  # [R, 2] long: (row, position read for response r)
 
     @property
     def n_rows(self) -> int:
         return int(self.input_ids.shape[0])
+
+    @property
+    def packed(self) -> bool:
+        """Whether rows hold whole records ([prompt][resp_1][resp_2]...), each sharing its prompt."""
+        return self.segment_ids is not None
+
+    @property
+    def n_responses(self) -> int:
+        """Length of the reward vector: one reward per response (= rows when not packed)."""
+        return int(self.scores.shape[0])
+
+    @property
+    def n_lm_targets(self) -> int:
+        """Imitation targets: what the model's chunked LM loss sums over (ZeRO-3 chunk count)."""
+        labels = self.lm_labels if self.packed else self.lm_labels[:, 1:]
+        return int((labels != IGNORE_INDEX).sum())
+
+    def model_inputs(self, device: Any = None) -> dict[str, torch.Tensor | None]:
+        """The keyword arguments `RewardModel.forward` takes for this layout (labels excluded)."""
+        names = ["input_ids", "attention_mask", "position_ids", "segment_ids", "response_end"]
+        if self.packed:
+            names.append("record_index")
+        out: dict[str, torch.Tensor | None] = {}
+        for n in names:
+            t = getattr(self, n)
+            out[n] = t.to(device, non_blocking=True) if (t is not None and device is not None) else t
+        return out
 
     def to(self, device: Any) -> "Batch":
         """A copy with every tensor on `device`."""
@@ -154,13 +186,14 @@ def encode_record(record: Record, tokenizer: Any, max_length: int, truncation_si
 
 
 def collate(encoded: Sequence[EncodedRecord], pad_id: int, padding_side: str = "right",
-            lm_target: str = "none", rows: str = "all") -> Batch:
+            lm_target: str = "none", rows: str = "all", pack: bool = False) -> Batch:
     """Pad the rows of several records into one batch; L = the longest row, no more.
 
     lm_target marks the imitation targets in lm_labels (all other positions are -100), only on
     each record's unique preferred row (records with a tied top score get none):
     "response" = its response tokens, "whole" = prompt + response tokens (the paper's
-    setting), "none" = no targets. rows="preferred" keeps only those preferred rows (plain LM
+    setting), "none" = no targets; a row's first token is never a target (nothing predicts
+    it). rows="preferred" keeps only those preferred rows (plain LM
     training); records without a unique preferred response then contribute nothing.
     position_ids = cumsum(mask) - 1 clamped at 0, so left and right padding give equal positions.
 
@@ -178,6 +211,8 @@ def collate(encoded: Sequence[EncodedRecord], pad_id: int, padding_side: str = "
       n_tokens 14, n_truncated 0
     With padding_side="left" row 0 becomes input_ids [0, 5, 6, 7], mask [0, 1, 1, 1],
     positions [0, 0, 1, 2].
+
+    pack=True (rows="all" only) gives the prefix-sharing layout of `collate_packed`.
     """
     if padding_side not in PADDING_SIDES:
         raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
@@ -185,6 +220,8 @@ def collate(encoded: Sequence[EncodedRecord], pad_id: int, padding_side: str = "
         raise ValueError(f"lm_target must be one of {LM_TARGETS}, got {lm_target!r}")
     if rows not in ROW_MODES:
         raise ValueError(f"rows must be one of {ROW_MODES}, got {rows!r}")
+    if pack and rows == "all":
+        return collate_packed(encoded, pad_id, padding_side, lm_target)
 
     seqs: list[list[int]] = []
     labels: list[list[int]] = []
@@ -201,20 +238,18 @@ def collate(encoded: Sequence[EncodedRecord], pad_id: int, padding_side: str = "
             resp = enc.response_ids[j]
             seqs.append(enc.prompt_ids + resp)
             if j == pref and lm_target == "whole":
-                labels.append(enc.prompt_ids + resp)
+                lab = enc.prompt_ids + resp
             elif j == pref and lm_target == "response":
-                labels.append([IGNORE_INDEX] * len(enc.prompt_ids) + resp)
+                lab = [IGNORE_INDEX] * len(enc.prompt_ids) + resp
             else:
-                labels.append([IGNORE_INDEX] * (len(enc.prompt_ids) + len(resp)))
+                lab = [IGNORE_INDEX] * (len(enc.prompt_ids) + len(resp))
+            # A row's first token has no predictor, so it is never a target (under left
+            # padding the position before it is a pad).
+            labels.append([IGNORE_INDEX] + lab[1:] if lab else lab)
             record_index.append(rec_i)
             scores.append(enc.scores[j])
         if rows == "all":
-            n = len(enc.response_ids)
-            for a in range(n):
-                for b in range(n):
-                    if enc.scores[a] > enc.scores[b]:
-                        better.append(first_row + a)
-                        worse.append(first_row + b)
+            _add_pairs(enc.scores, first_row, better, worse)
         if keep and enc.truncated:
             n_truncated += 1
 
@@ -241,6 +276,162 @@ def collate(encoded: Sequence[EncodedRecord], pad_id: int, padding_side: str = "
         n_tokens=int(attention_mask.sum()),
         n_truncated=n_truncated,
     )
+
+
+def _add_pairs(scores: Sequence[float], first: int, better: list[int], worse: list[int]) -> None:
+    """Every (a, b) with scores[a] > scores[b], as indices offset by `first`."""
+    n = len(scores)
+    for a in range(n):
+        for b in range(n):
+            if scores[a] > scores[b]:
+                better.append(first + a)
+                worse.append(first + b)
+
+
+def packed_length(enc: EncodedRecord) -> int:
+    """Tokens of a record in the packed layout: its prompt once plus every response."""
+    return len(enc.prompt_ids) + sum(len(r) for r in enc.response_ids)
+
+
+def bin_pack(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """First-fit decreasing: record indices per row, no row longer than `width` (ties keep
+    index order, so the result depends only on the lengths)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, left in enumerate(room):
+            if lengths[i] <= left:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(width - lengths[i])
+    return rows
+
+
+def collate_packed(encoded: Sequence[EncodedRecord], pad_id: int, padding_side: str = "right",
+                   lm_target: str = "none") -> Batch:
+    """Each record as one block [prompt][resp_1][resp_2]... (the prompt shared by its responses);
+    blocks packed into rows no longer than the longest block (first-fit decreasing).
+
+    The prompt is computed once instead of once per response, and short records share a row
+    instead of padding. The model builds the attention mask from segment_ids (a prompt is
+    causal; a response sees its own record's prompt and itself, nothing else) and position_ids
+    restart after the prompt for every response, so each response's hidden states equal those
+    of its own unshared row. Everything indexed by response keeps `collate`'s order and meaning:
+    scores, record_index, better/worse index the reward vector [R] exactly as rows do unshared.
+
+    segment_ids: r (>= 0) on response r's tokens, -2 - i on record i's prompt, -1 on padding.
+    lm_labels here are SHIFTED: lm_labels[b, t] is the token position t predicts (not the token
+    at t), because a response's first token is predicted from its prompt's last position, which
+    is not the position before it unless it is the first response. response_end[r] = (row,
+    position) of response r's last token (of its prompt's last token, for an empty response).
+
+    Example (pad_id=0, padding_side="right", lm_target="response"), the records of `collate`
+    (blocks of 5 tokens each: one per row):
+      input_ids    [[5, 6, 7, 8, 9], [5, 3, 4, 4, 2]]
+      segment_ids  [[-2, -2, 0, 1, 1], [-3, 2, 3, 3, 4]]
+      position_ids [[0, 1, 2, 2, 3], [0, 1, 1, 2, 1]]
+      lm_labels    [[X, 7, X, X, X], [3, X, X, X, X]]       (X = -100)
+      response_end [[0, 2], [0, 4], [1, 1], [1, 3], [1, 4]]
+      better [0, 2, 2], worse [1, 3, 4]; n_tokens 10 (14 unshared)
+    """
+    if padding_side not in PADDING_SIDES:
+        raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
+    if lm_target not in LM_TARGETS:
+        raise ValueError(f"lm_target must be one of {LM_TARGETS}, got {lm_target!r}")
+    blocks: list[tuple[list[int], list[int], list[int], list[int]]] = []  # ids, segments, positions, labels
+    ends: list[tuple[int, int]] = []  # (record, offset in its block)
+    record_index: list[int] = []
+    scores: list[float] = []
+    better: list[int] = []
+    worse: list[int] = []
+    n_truncated = 0
+    for rec_i, enc in enumerate(encoded):
+        pref = enc.preferred() if lm_target != "none" else None
+        prompt = enc.prompt_ids
+        p = len(prompt)
+        seq, seg, pos = list(prompt), [-2 - rec_i] * p, list(range(p))
+        lab = [IGNORE_INDEX] * p
+        if pref is not None and lm_target == "whole" and p > 1:
+            lab[:p - 1] = prompt[1:]  # position t predicts prompt[t + 1]
+        _add_pairs(enc.scores, len(scores), better, worse)
+        for j, resp in enumerate(enc.response_ids):
+            start = len(seq)
+            seq += resp
+            seg += [len(scores)] * len(resp)
+            pos += range(p, p + len(resp))
+            lab += [IGNORE_INDEX] * len(resp)
+            if j == pref and resp:
+                lab[start:start + len(resp) - 1] = resp[1:]
+                if p:
+                    lab[p - 1] = resp[0]  # the prompt's last position predicts the first token
+            ends.append((rec_i, start + len(resp) - 1 if resp else p - 1))
+            record_index.append(rec_i)
+            scores.append(enc.scores[j])
+        blocks.append((seq, seg, pos, lab))
+        n_truncated += int(enc.truncated)
+
+    lengths = [len(b[0]) for b in blocks]
+    width = max(lengths, default=0)
+    rows = bin_pack(lengths, width)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    segment_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    lm_labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    where: dict[int, tuple[int, int]] = {}  # record -> (row, column of its first token)
+    for r, members in enumerate(rows):
+        col = 0 if padding_side == "right" else width - sum(lengths[i] for i in members)
+        for i in members:
+            seq, seg, pos, lab = blocks[i]
+            at = slice(col, col + len(seq))
+            input_ids[r, at] = torch.tensor(seq, dtype=torch.long)
+            segment_ids[r, at] = torch.tensor(seg, dtype=torch.long)
+            position_ids[r, at] = torch.tensor(pos, dtype=torch.long)
+            lm_labels[r, at] = torch.tensor(lab, dtype=torch.long)
+            where[i] = (r, col)
+            col += len(seq)
+    response_end = torch.tensor([(where[i][0], where[i][1] + off) for i, off in ends],
+                                dtype=torch.long).reshape(-1, 2)
+    attention_mask = (segment_ids != -1).long()
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        record_index=torch.tensor(record_index, dtype=torch.long),
+        scores=torch.tensor(scores, dtype=torch.float32),
+        better=torch.tensor(better, dtype=torch.long),
+        worse=torch.tensor(worse, dtype=torch.long),
+        lm_labels=lm_labels,
+        n_tokens=int(attention_mask.sum()),
+        n_truncated=n_truncated,
+        segment_ids=segment_ids,
+        response_end=response_end,
+    )
+
+
+def packing_pays(encoded: Sequence[EncodedRecord], attention_scale: float = 4096.0) -> bool:
+    """Whether the packed layout costs less compute than one row per response for this batch.
+
+    Cost of a padded [rows, L] batch ~ rows * L * (1 + L / attention_scale): the per-token
+    matmuls plus attention, which grows with L. Packing removes the repeated prompts and most
+    padding (short records share a row) but makes rows longer (a whole record per block), and
+    masked attention still computes the whole L x L score matrix. attention_scale = per-token
+    matmul FLOPs / per-token-pair attention FLOPs (`RewardModel.attention_scale`); a few
+    thousand for 100M+ models.
+    """
+    if not encoded:
+        return False
+    plain = max(enc.max_length() for enc in encoded)
+    lengths = [packed_length(enc) for enc in encoded]
+    width = max(lengths)
+    rows = sum(len(enc.response_ids) for enc in encoded)
+
+    def cost(n: int, length: int) -> float:
+        return n * length * (1.0 + length / attention_scale)
+
+    return cost(len(bin_pack(lengths, width)), width) < cost(rows, plain)
 
 
 def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int) -> list[list[int]]:

@@ -313,7 +313,8 @@ class Runner:
         for name, (enc, char_lens) in self.evals.items():
             res = SetResult()
             scored = score_shard(self.engine, enc, bs, self.tokenizer.pad_token_id,
-                                 self.recipe.data.padding_side, self.rank, self.world, self.device)
+                                 self.recipe.data.padding_side, self.rank, self.world, self.device,
+                                 prefix_sharing=self.recipe.data.prefix_sharing)
             for i, rewards in scored:
                 tally(res, enc[i], rewards, char_lens[i])
             maybe_die("eval", self.engine.global_steps)

@@ -1,0 +1,313 @@
+"""Prefix sharing: one packed row per record ([prompt][resp_1][resp_2]...) gives the same rewards,
+imitation loss, training loss and gradients as one row per response, with fewer tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from rmkit.data.collate import EncodedRecord, bin_pack, collate, collate_packed, encode_record, packing_pays
+from rmkit.data.records import Record
+from rmkit.model import POOLINGS, RewardModel
+from rmkit.recipe import Recipe
+from rmkit.score import score_shard
+from rmkit.train.loop import micro_batch_loss
+
+X = -100
+
+
+def example() -> list[EncodedRecord]:
+    return [
+        EncodedRecord([5, 6], [[7], [8, 9]], (1.0, 0.0)),
+        EncodedRecord([5], [[3], [4, 4], [2]], (2.0, 1.0, 1.0)),
+    ]
+
+
+def test_packed_layout_exact_right_padding() -> None:
+    b = collate(example(), pad_id=0, padding_side="right", lm_target="response", pack=True)
+    assert b.packed and b.n_rows == 2 and b.n_responses == 5
+    assert b.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 3, 4, 4, 2]]  # equal lengths: no padding
+    assert b.attention_mask.tolist() == [[1] * 5, [1] * 5]
+    # response r's tokens carry r, record i's prompt -2 - i
+    assert b.segment_ids.tolist() == [[-2, -2, 0, 1, 1], [-3, 2, 3, 3, 4]]
+    # positions restart after the prompt for every response
+    assert b.position_ids.tolist() == [[0, 1, 2, 2, 3], [0, 1, 1, 2, 1]]
+    # shifted targets: the prompt's last position predicts the preferred response's first token
+    assert b.lm_labels.tolist() == [[X, 7, X, X, X], [3, X, X, X, X]]
+    assert b.response_end.tolist() == [[0, 2], [0, 4], [1, 1], [1, 3], [1, 4]]
+    assert b.record_index.tolist() == [0, 0, 1, 1, 1] and b.scores.tolist() == [1.0, 0.0, 2.0, 1.0, 1.0]
+    assert b.better.tolist() == [0, 2, 2] and b.worse.tolist() == [1, 3, 4]  # same as the unshared rows
+    assert (b.n_tokens, b.n_truncated, b.n_lm_targets) == (10, 0, 2)
+    assert collate(example(), 0, lm_target="response").n_tokens == 14  # 4 prompt tokens saved
+
+
+def test_packed_layout_exact_left_padding_whole_target() -> None:
+    recs = [EncodedRecord([5, 6, 7], [[8, 9], [1]], (0.0, 1.0)), EncodedRecord([5], [[3], [4]], (1.0, 1.0))]
+    b = collate_packed(recs, pad_id=0, padding_side="left", lm_target="whole")
+    assert b.input_ids.tolist() == [[5, 6, 7, 8, 9, 1], [0, 0, 0, 5, 3, 4]]
+    assert b.segment_ids.tolist() == [[-2, -2, -2, 0, 0, 1], [-1, -1, -1, -3, 2, 3]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 3], [0, 0, 0, 0, 1, 1]]
+    # record 0 prefers response 1 ([1]): prompt targets 6, 7 then 1 from the prompt's end;
+    # record 1 ties at the top: no targets at all
+    assert b.lm_labels.tolist() == [[6, 7, 1, X, X, X], [X] * 6]
+    assert b.response_end.tolist() == [[0, 4], [0, 5], [1, 4], [1, 5]]
+    assert b.better.tolist() == [1] and b.worse.tolist() == [0]
+    unshared = collate(recs, 0, "left", "whole")
+    assert b.n_lm_targets == unshared.n_lm_targets == 3
+    moved = b.to("cpu")
+    assert torch.equal(moved.segment_ids, b.segment_ids) and torch.equal(moved.response_end, b.response_end)
+
+
+@pytest.mark.parametrize("lm_target,expected", [("response", 2), ("whole", 3)])
+def test_first_token_is_never_a_target(lm_target, expected) -> None:
+    """Nothing predicts a row's first token: not under right padding, not under left padding
+    (where a pad precedes it), not packed. whole: 6, 7 | 4; response: 7 | 4."""
+    recs = [EncodedRecord([5, 6], [[7], [8, 9, 9]], (1.0, 0.0)), EncodedRecord([], [[3, 4], [4]], (1.0, 0.0))]
+    counts = {(side, pack): collate(recs, 0, side, lm_target, pack=pack).n_lm_targets
+              for side in ("left", "right") for pack in (False, True)}
+    assert set(counts.values()) == {expected}, counts
+
+
+def test_short_records_share_a_row() -> None:
+    """Blocks are bin-packed into rows no longer than the longest block: B and C share row 1."""
+    a = EncodedRecord([5, 6, 7], [[8, 9], [1]], (0.0, 1.0))  # 6 tokens
+    b_ = EncodedRecord([5], [[3], [4]], (1.0, 0.0))  # 3 tokens
+    c = EncodedRecord([6], [[7], [8]], (0.0, 1.0))  # 3 tokens
+    b = collate([b_, a, c], pad_id=0, lm_target="response", pack=True)
+    assert b.input_ids.tolist() == [[5, 6, 7, 8, 9, 1], [5, 3, 4, 6, 7, 8]]
+    assert b.segment_ids.tolist() == [[-3, -3, -3, 2, 2, 3], [-2, 0, 1, -4, 4, 5]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 1, 0, 1, 1]]
+    assert b.lm_labels.tolist() == [[X, X, 1, X, X, X], [3, X, X, 8, X, X]]
+    assert b.response_end.tolist() == [[1, 1], [1, 2], [0, 4], [0, 5], [1, 4], [1, 5]]
+    assert b.record_index.tolist() == [0, 0, 1, 1, 2, 2]
+    assert list(zip(b.better.tolist(), b.worse.tolist())) == [(0, 1), (3, 2), (5, 4)]
+    assert (b.n_rows, b.n_tokens, b.attention_mask.sum().item()) == (2, 12, 12)
+    assert bin_pack([6, 3, 3, 2, 5], 6) == [[0], [4], [1, 2], [3]]
+
+
+def test_preferred_rows_are_never_packed() -> None:
+    b = collate(example(), 0, lm_target="whole", rows="preferred", pack=True)
+    assert not b.packed and b.input_ids.tolist() == [[5, 6, 7], [5, 3, 0]]
+
+
+def test_packing_pays_cost_model() -> None:
+    """cost = rows * L * (1 + L / scale). A long shared prompt pays, long responses do not."""
+    long_prompt = [EncodedRecord([1] * 90, [[2] * 10, [3] * 10], (1.0, 0.0))]
+    # packed 1 x 110 * (1 + 110/100) = 231  <  unshared 2 x 100 * (1 + 100/100) = 400
+    assert packing_pays(long_prompt, attention_scale=100.0)
+    long_responses = [EncodedRecord([1] * 4, [[2] * 100] * 5, (1.0, 0, 0, 0, 0))]
+    # packed 504 * (1 + 504/100) = 3044  >  unshared 5 x 104 * (1 + 104/100) = 1061
+    assert not packing_pays(long_responses, attention_scale=100.0)
+    # with negligible attention cost packing never adds tokens: 504 < 520
+    assert packing_pays(long_responses, attention_scale=1e9)
+    assert not packing_pays([], 100.0)
+
+
+# ---- the model -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> RewardModel:
+    return RewardModel.from_pretrained(tiny_model_dir).eval()
+
+
+def mixed_records() -> list[Record]:
+    """2, 3 and 5 responses; a long prompt that gets truncated; an empty response."""
+    return [
+        Record("User: how do I bake bread? Assistant:", (" Mix flour, water and yeast, then bake.", " No idea."),
+               (1.0, 0.0)),
+        Record("User: what is a reward model? Assistant:", (" A model that scores responses.", " A fox.", ""),
+               (2.0, 1.0, 0.0)),
+        Record("User: tell a story about a fox and a dog and bread and a reward model. " * 3 + "Assistant:",
+               (" A fox met a dog.", " Once upon a time.", " No.", " The end.", " Bread."), (4.0, 3.0, 2.0, 1.0, 0.0)),
+    ]
+
+
+def encoded(tok, pooling: str = "last", max_length: int = 40) -> list[EncodedRecord]:
+    return [encode_record(r, tok, max_length=max_length, append_eos=pooling == "eos") for r in mixed_records()]
+
+
+def separate_rewards(model: RewardModel, encs: list[EncodedRecord]) -> torch.Tensor:
+    """One unpadded forward per response: the reference the packed rewards must equal."""
+    out = []
+    for e in encs:
+        for resp in e.response_ids:
+            ids = torch.tensor([e.prompt_ids + resp])
+            out.append(model(ids, torch.ones_like(ids)).rewards[0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_packed_rewards_equal_separate_forwards(model, tiny_tokenizer, pooling, padding_side) -> None:
+    encs = encoded(tiny_tokenizer, pooling)
+    assert [len(e.response_ids) for e in encs] == [2, 3, 5]
+    assert encs[2].truncated and not encs[0].truncated and encs[1].response_ids[2] == ([1] if pooling == "eos" else [])
+    b = collate(encs, tiny_tokenizer.pad_token_id, padding_side, pack=True)
+    assert b.n_tokens < collate(encs, tiny_tokenizer.pad_token_id, padding_side).n_tokens
+    model.pooling = pooling
+    try:
+        with torch.no_grad():
+            packed = model(**b.model_inputs()).rewards
+            expected = separate_rewards(model, encs)
+    finally:
+        model.pooling = "last"
+    assert packed.shape == (10,) and packed.dtype == torch.float32
+    assert_close(packed, expected, atol=1e-5, rtol=1e-5)
+    assert expected.unique().numel() >= 9  # rewards differ (the empty response equals its prompt only)
+
+
+def test_empty_prompt_record(model, tiny_tokenizer) -> None:
+    """Left truncation can leave no prompt: responses then share nothing but still never mix."""
+    enc = EncodedRecord([], [[40, 41, 42], [43, 44]], (1.0, 0.0))
+    encs = [enc, encoded(tiny_tokenizer)[0]]
+    b = collate(encs, tiny_tokenizer.pad_token_id, pack=True)
+    row = int(b.response_end[0, 0])
+    assert b.segment_ids[row, :5].tolist() == [0, 0, 0, 1, 1] and b.position_ids[row, :5].tolist() == [0, 1, 2, 0, 1]
+    with torch.no_grad():
+        assert_close(model(**b.model_inputs()).rewards, separate_rewards(model, encs), atol=1e-5, rtol=1e-5)
+
+
+def reference_mask(seg: torch.Tensor, record_index: torch.Tensor) -> torch.Tensor:
+    """The rule, position by position: causal, and the key is in the query's own segment or is
+    the prompt of the query's record; a padding query sees itself."""
+    b, n = seg.shape
+    out = torch.zeros(b, n, n, dtype=torch.bool)
+    for r in range(b):
+        for q in range(n):
+            sq = int(seg[r, q])
+            owner = -2 - int(record_index[sq]) if sq >= 0 else sq
+            for k in range(q + 1):
+                sk = int(seg[r, k])
+                out[r, q, k] = (sk != -1 and (sk == sq or sk == owner)) or k == q
+    return out
+
+
+def test_sdpa_gets_the_mask_and_honours_it(model, tiny_tokenizer, tiny_model_dir, monkeypatch) -> None:
+    enc = encoded(tiny_tokenizer) + [EncodedRecord([2, 40], [[41], [42, 43]], (1.0, 0.0))]
+    b = collate(enc, tiny_tokenizer.pad_token_id, pack=True)
+    assert b.n_rows == 3  # the short record shares a row: the mask must keep records apart too
+    seen: list[torch.Tensor] = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("attn_mask"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        base = model(**b.model_inputs()).rewards
+    monkeypatch.undo()
+    assert model.config._attn_implementation == "sdpa"
+    assert len(seen) == 2  # one SDPA call per layer, each with our boolean 4-D mask
+    for m in seen:
+        assert m.dtype == torch.bool and m.shape == (3, 1, b.input_ids.shape[1], b.input_ids.shape[1])
+    assert torch.equal(seen[0][:, 0], reference_mask(b.segment_ids, b.record_index))
+    assert not seen[0].all()  # something is masked: the responses of a record do not see each other
+
+    # changing response 2 of record 0 leaves response 1 (and record 1) untouched
+    changed = EncodedRecord(enc[0].prompt_ids, [enc[0].response_ids[0], [50, 51, 52]], enc[0].scores)
+    b2 = collate([changed, *enc[1:]], tiny_tokenizer.pad_token_id, pack=True)
+    with torch.no_grad():
+        other = model(**b2.model_inputs()).rewards
+    assert_close(other[0], base[0], atol=1e-6, rtol=1e-6)
+    assert_close(other[2:], base[2:], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(other[1], base[1])
+
+    eager = RewardModel(__import__("transformers").AutoModelForCausalLM.from_pretrained(
+        str(tiny_model_dir), attn_implementation="eager")).eval()
+    with torch.no_grad():
+        assert_close(eager(**b.model_inputs()).rewards, base, atol=1e-5, rtol=1e-5)
+
+
+def count_lm_head_calls(model: RewardModel) -> list[int]:
+    calls = [0]
+    model.lm_head.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100_000])
+@pytest.mark.parametrize("lm_target", ["response", "whole"])
+def test_packed_imitation_equals_unshared(tiny_model_dir, tiny_tokenizer, lm_target, chunk) -> None:
+    encs = encoded(tiny_tokenizer)
+    grads = []
+    results = []
+    for pack in (False, True):
+        rm = RewardModel.from_pretrained(tiny_model_dir)
+        calls = count_lm_head_calls(rm)
+        b = collate(encs, tiny_tokenizer.pad_token_id, "left", lm_target, pack=pack)
+        out = rm(**b.model_inputs(), lm_labels=b.lm_labels, lm_chunk_size=chunk)
+        assert out.lm_tokens == b.n_lm_targets
+        assert calls[0] == -(-out.lm_tokens // chunk)  # lm_head only on target positions, in chunks
+        out.lm_loss_sum.backward()
+        results.append(out)
+        grads.append({n: p.grad.clone() for n, p in rm.named_parameters() if p.grad is not None})
+    plain, packed = results
+    # record 2 prefers response 0 (7 targets with whole: prompt tokens too); record 1 response 0
+    assert packed.lm_tokens == plain.lm_tokens > 0
+    assert_close(packed.lm_loss_sum, plain.lm_loss_sum, atol=1e-4, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and "score.weight" not in grads[0]
+    for name in grads[0]:
+        assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def recipe(imitation_weight: float, target: str = "response") -> Recipe:
+    return Recipe.model_validate({
+        "stage": "crft", "domain": "business", "model": {"path": "unused"},
+        "data": {"train": [{"path": "unused"}]},
+        "loss": {"imitation_weight": imitation_weight, "imitation_target": target, "lm_chunk_size": 4},
+        "train": {"lr": 1e-3, "global_batch": 3},
+    })
+
+
+@pytest.mark.parametrize("imitation_weight,target", [(0.0, "response"), (0.5, "whole")])
+def test_train_step_loss_and_gradients_match(tiny_model_dir, tiny_tokenizer, imitation_weight, target) -> None:
+    """The training loss of one micro-batch, in both layouts: same loss, accuracy, gradient norm."""
+    r = recipe(imitation_weight, target)
+    encs = encoded(tiny_tokenizer)
+    lm = "none" if imitation_weight == 0 else target
+    seen = []
+    for pack in (False, True):
+        rm = RewardModel.from_pretrained(tiny_model_dir)
+        b = collate(encs, tiny_tokenizer.pad_token_id, "right", lm, pack=pack)
+        loss, rank_l, im_l, out = micro_batch_loss(rm, b, r, lm != "none", torch.device("cpu"))
+        loss.backward()
+        norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in rm.parameters() if p.grad is not None))
+        correct = int((out.rewards[b.better] > out.rewards[b.worse]).sum())
+        seen.append((loss.detach(), rank_l.detach(), im_l.detach(), norm, correct, b.better.numel()))
+    (l0, r0, i0, n0, c0, p0), (l1, r1, i1, n1, c1, p1) = seen
+    assert p0 == p1 == 1 + 3 + 10  # strict pairs of 2, 3 and 5 distinct scores
+    assert_close(l1, l0, atol=1e-5, rtol=1e-5)
+    assert_close(r1, r0, atol=1e-5, rtol=1e-5)
+    assert_close(i1, i0, atol=1e-5, rtol=1e-5)
+    assert (i0.item() > 0) == (imitation_weight > 0)
+    assert_close(n1, n0, atol=1e-6, rtol=1e-5)
+    assert c0 == c1
+
+
+def test_score_shard_same_results_and_forward_calls(model, tiny_tokenizer) -> None:
+    encs = encoded(tiny_tokenizer) * 3  # 9 records
+    calls = []
+    hook = model.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs.get("segment_ids") is not None),
+                                       with_kwargs=True)
+    try:
+        results = {}
+        for sharing in (False, True):
+            for rank in (0, 1):
+                calls.clear()
+                results[sharing, rank] = score_shard(model, encs, 2, tiny_tokenizer.pad_token_id, "right", rank, 2,
+                                                     torch.device("cpu"), prefix_sharing=sharing)
+                assert len(calls) == 3  # ceil(5 batches / 2 ranks) on both ranks, both layouts
+                assert any(calls) == sharing
+    finally:
+        hook.remove()
+    for rank in (0, 1):
+        plain, shared = dict(results[False, rank]), dict(results[True, rank])
+        assert plain.keys() == shared.keys()
+        for i in plain:
+            assert_close(torch.tensor(shared[i]), torch.tensor(plain[i]), atol=1e-5, rtol=1e-5)
+    assert sorted(i for r in (0, 1) for i, _ in results[True, r]) == list(range(9))
