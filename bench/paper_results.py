@@ -64,7 +64,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     s = args.scale
-    grft_steps, crft_steps, ev = int(48 * s), int(16 * s), int(96 * s)
+    grft_steps, crft_steps, ev = int(32 * s), int(12 * s), int(64 * s)
     rm = [sys.executable, "-m", "rmkit"]
     log: dict[str, list[str]] = {k: [] for k in ("grft", "domains", "strategies", "efficiency")}
     grft = out / "grft"

@@ -154,9 +154,9 @@ def _print_plan(recipe: Recipe, plan: RunPlan, manifest: dict) -> None:
         t.add_column(col)
     for s in manifest["train"]:
         dropped = ", ".join(f"{k}: {v}" for k, v in s["dropped"].items()) or "-"
-        t.add_row(s["path"], s["format"], s["split"], str(s["records"]), str(s["pairs"]), str(s["taken"]), dropped)
+        t.add_row(Path(s["path"]).name, s["format"], s["split"], str(s["records"]), str(s["pairs"]), str(s["taken"]), dropped)
     for name, s in manifest["eval"].items():
-        t.add_row(f"eval {name}: {s['path']}", s["format"], s["split"], str(s["records"]), str(s["pairs"]), "-",
+        t.add_row(f"eval {name}: {Path(s['path']).name}", s["format"], s["split"], str(s["records"]), str(s["pairs"]), "-",
                   ", ".join(f"{k}: {v}" for k, v in s["dropped"].items()) or "-")
     console.print(t)
     console.print(f"{manifest['train_records']} train records ({manifest['train_pairs']} pairs), world size "
