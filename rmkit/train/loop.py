@@ -193,7 +193,9 @@ class Runner:
             sums += torch.tensor([rank_l.item(), im_l.item(), c, p, batch.n_tokens, batch.n_truncated], dtype=torch.float64)
         _all_reduce(sums)
         k = max(1, len(micros) * self.world)
-        return {"loss_ranking": sums[0].item() / k, "loss_imitation": sums[1].item() / k,
+        rank_mean, im_mean = sums[0].item() / k, sums[1].item() / k
+        total = im_mean if blt else r.loss.ranking_weight * rank_mean + r.loss.imitation_weight * im_mean
+        return {"loss": total, "loss_ranking": rank_mean, "loss_imitation": im_mean,
                 "accuracy": sums[2].item() / max(1.0, sums[3].item()), "pairs": int(sums[3].item()),
                 "tokens": int(sums[4].item()), "truncated": int(sums[5].item()),
                 "lr": self.scheduler.get_last_lr()[0]}

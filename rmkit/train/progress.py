@@ -64,7 +64,7 @@ class Progress:
         except OSError as e:  # a full disk: a clear error (exit 2), not a traceback
             raise write_error(self.path, e) from None
         if "loss_ranking" in m:
-            parts = [f"loss {m['loss_ranking'] + m['loss_imitation']:.4f}"]
+            parts = [f"loss {m['loss']:.4f}"]  # the weighted total that was backpropagated
             if self.stage != "blt":
                 parts.append(f"rank {m['loss_ranking']:.4f}")
             if m["loss_imitation"]:
@@ -77,7 +77,7 @@ class Progress:
             if not self.live:
                 console.print(f"{self.stage} step {m['step']}/{self.total}  {info}")
             if self.tb is not None:
-                for k in ("loss_ranking", "loss_imitation", "accuracy", "lr", "tokens_per_s"):
+                for k in ("loss", "loss_ranking", "loss_imitation", "accuracy", "lr", "tokens_per_s"):
                     self.tb.add_scalar(f"train/{k}", m[k], m["step"])
         for name, res in (m.get("eval") or {}).items():
             acc = res.get("accuracy", math.nan)
