@@ -1,10 +1,10 @@
 """Check the paper's claims with rmkit on real data; write docs/results.md.
 
 Every number in the report comes from an rmkit command that this script runs and prints next to
-the number. CPU-sized by default (SmolLM2-135M, slices of ../shared/data); `--scale` multiplies
-the step and eval budgets for a larger machine.
+the number. CPU-sized by default (SmolLM2-135M, slices of ../shared/data); `--grft-steps`,
+`--crft-steps` and `--eval-limit` set the budgets (raise them on a larger machine).
 
-    python bench/paper_results.py                  # ~30-40 min on a 2-core CPU
+    python bench/paper_results.py                  # ~25 min on a 2-core CPU
     python bench/paper_results.py --only grft      # one part (grft, domains, strategies, efficiency)
 """
 
@@ -58,13 +58,14 @@ def acc(e: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/results")
-    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--grft-steps", type=int, default=16)
+    ap.add_argument("--crft-steps", type=int, default=8)
+    ap.add_argument("--eval-limit", type=int, default=48)
     ap.add_argument("--only", choices=["grft", "domains", "strategies", "efficiency"], default=None)
     ap.add_argument("--report", default="docs/results.md")
     args = ap.parse_args()
     out = Path(args.out)
-    s = args.scale
-    grft_steps, crft_steps, ev = int(32 * s), int(12 * s), int(64 * s)
+    grft_steps, crft_steps, ev = args.grft_steps, args.crft_steps, args.eval_limit
     rm = [sys.executable, "-m", "rmkit"]
     log: dict[str, list[str]] = {k: [] for k in ("grft", "domains", "strategies", "efficiency")}
     grft = out / "grft"
@@ -85,14 +86,18 @@ def main() -> None:
             "--set", general_eval, "--set", "train.save_every=0"], log[part])
         return d
 
+    report = lambda: write_report(out, Path(args.report), log, grft_steps, crft_steps, ev)  # noqa: E731
+    report()
     if args.only in (None, "domains"):
         for d in DOMAINS:
             if d != "business":
                 sweep(d, "0", "0", f"crft-{d}", "domains")
+        report()
     if args.only in (None, "domains", "strategies"):
         sweep("business", "0,1", "0,0.5", "crft-business", "strategies")
+        report()
     if args.only in (None, "efficiency"):
-        for k in (4, 8):
+        for k in (max(1, crft_steps // 4), max(1, crft_steps // 2)):
             run = out / f"efficiency-{k * 8}"
             sh([*rm, "train", "crft", "--domain", "business", "--recipe", "recipes/cpu/crft.yaml",
                     "--set", f"model.path={grft / 'final'}", "--set", f"train.output_dir={run}",
@@ -102,7 +107,7 @@ def main() -> None:
                     f"data.eval.domain={{path: '{DATA}/dsp.json', format: dsp, split: test, limit: {ev}}}",
                     "--set", general_eval, "--set", "train.save_every=0"], log["efficiency"],
                    skip=(run / "final" / "meta.json").exists())
-    write_report(out, Path(args.report), log, grft_steps, crft_steps, ev)
+    report()
 
 
 def write_report(out: Path, report: Path, log: dict, grft_steps: int, crft_steps: int, ev: int) -> None:
@@ -154,7 +159,7 @@ def write_report(out: Path, report: Path, log: dict, grft_steps: int, crft_steps
         lines += ["", f"![trade-off](../{out}/crft-business/tradeoff.png)" if False else
                   "The sweep also draws `runs/results/crft-business/tradeoff.png`.", "", "```", *log["strategies"], "```"]
     eff = []
-    for k in (32, 64):
+    for k in (8 * max(1, crft_steps // 4), 8 * max(1, crft_steps // 2)):
         run = out / f"efficiency-{k}"
         if (run / "eval_final.json").exists():
             e = evals(run)["domain"]

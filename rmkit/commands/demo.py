@@ -12,7 +12,7 @@ def register(app: typer.Typer) -> None:
     def demo(
         out: str = typer.Option("runs/demo", "--out", "-o", help="Folder for the three runs (replaced on each demo)."),
         domain: str = typer.Option("business", "--domain", "-d", help="Customized domain for CRFT."),
-        eval_limit: int = typer.Option(40, "--eval-limit", help="Records per eval set."),
+        eval_limit: int = typer.Option(32, "--eval-limit", help="Records per eval set."),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="Extra override for every stage, e.g. launch.gpus=2."),
     ) -> None:
         """Run the paper's three stages end to end on this machine (minutes on a CPU)."""
