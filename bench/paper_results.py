@@ -27,7 +27,7 @@ DATA = "${RMKIT_DATA:-../shared/data}"
 def sh(cmd: list[str], log: list[str], skip: bool = False) -> None:
     """Run (or, when its output already exists, only record) one rmkit command."""
     line = shlex.join(cmd)
-    log.append(line)
+    log.append(line.replace(shlex.join([sys.executable, "-m", "rmkit"]), "rmkit", 1))  # as a user types it
     if skip:
         print(f"\n(done already) $ {line}", flush=True)
         return
