@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from rmkit.errors import RmkitError
-from rmkit.io import TMP_PREFIX, atomic_write_json, atomic_write_text, fsync_dir, sha256_text
+from rmkit.io import TMP_PREFIX, atomic_write_json, atomic_write_text, publish_dir, sha256_text
 
 META_FILE = "meta.json"
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -109,19 +108,7 @@ def finalize(tmp: Path, dest: Path, meta: dict[str, Any]) -> None:
     meta["files"] = file_table(tmp)
     meta["saved_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     atomic_write_json(tmp / META_FILE, meta)
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    if dest.exists():
-        old = dest.with_name(TMP_PREFIX + dest.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
-    fsync_dir(dest.parent)
+    publish_dir(tmp, dest)
 
 
 def prune(out_dir: Path, keep_last: int) -> None:
