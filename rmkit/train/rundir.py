@@ -206,6 +206,11 @@ def plan_run(recipe: Recipe) -> RunPlan:
     precision = recipe.precision(on_gpu)
     if precision == "fp16" and not on_gpu:
         raise RmkitError("fp16 needs a GPU", where="launch.precision", hint="use fp32 (or bf16) on CPU")
+    if recipe.stage == "crft" and not Path(recipe.model.path).exists():
+        raise RmkitError(f"CRFT starts from a GRFT checkpoint, but {recipe.model.path} does not exist",
+                         where="model.path",
+                         hint="train one first, e.g. `rmkit train grft --recipe recipes/cpu/grft.yaml`, "
+                              "or point --set model.path=... at an existing GRFT final/ folder")
     model_path = resolve_model(recipe.model.path)
     parent = check_parent(recipe, model_path)
     resolve_ds_config_path(recipe.launch.deepspeed)
