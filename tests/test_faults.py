@@ -235,3 +235,26 @@ def test_nonfinite_names() -> None:
                                     ("c", torch.tensor([float("inf")])), ("ids", torch.tensor([1, 2])),
                                     ("d", torch.tensor([float("-inf")]))], limit=2)
     assert (count, names) == (3, ["b", "c"])
+
+
+def test_release_shm_unlinks_only_dead_or_named_launches(tmp_path: Path) -> None:
+    import socket
+
+    from rmkit.train.launch import release_shm
+
+    uid = os.getuid()
+    with socket.socket() as live:  # a port somebody listens on: a run still going
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        live_port = live.getsockname()[1]
+        names = [f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_{live_port}_0",
+                 f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_{live_port}_1",
+                 f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_1_0",           # nobody listens on port 1
+                 f"deepspeed_allreduce_buffer_{uid}_10.0.0.7_1_0",            # another node's master: not ours to judge
+                 f"deepspeed_allreduce_buffer_{uid + 1}_127.0.0.1_1_0",       # another user's
+                 "unrelated_file"]
+        for n in names:
+            (tmp_path / n).write_bytes(b"x")
+        assert [p.name for p in release_shm(shm_dir=tmp_path)] == [names[2]]
+        assert sorted(p.name for p in release_shm(live_port, shm_dir=tmp_path)) == names[:2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names[3], names[4], names[5]])

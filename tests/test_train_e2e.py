@@ -88,8 +88,10 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("zero", ["zero0", "zero1", "zero2", "zero3"])
 def test_two_processes_every_zero_stage(tmp_path: Path, tiny_model_dir: Path, zero: str) -> None:
     recipe = _recipe(tmp_path, str(tiny_model_dir), zero=zero, gpus=2, max_steps=4)
+    shm_before = _shm_buffers()
     res = rmkit("train", "grft", "--recipe", str(recipe), env={"RMKIT_FINGERPRINT": "1"})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert _shm_buffers() <= shm_before  # DeepSpeed's CPU all-reduce buffers (67 MB a rank) were unlinked
     run = tmp_path / "run"
     steps = [m for m in _metrics(run) if "loss_ranking" in m]
     assert len(steps) == 4
@@ -100,6 +102,11 @@ def test_two_processes_every_zero_stage(tmp_path: Path, tiny_model_dir: Path, ze
     assert meta["stage"] == "grft" and meta["step"] == 4
     if zero == "zero3":
         _check_hf_loads_same_rewards(run / "final")
+
+
+def _shm_buffers() -> set[str]:
+    shm = Path("/dev/shm")
+    return {f.name for f in shm.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")} if shm.is_dir() else set()
 
 
 def _check_hf_loads_same_rewards(folder: Path) -> None:

@@ -23,6 +23,39 @@ from rmkit.recipe import Recipe, dump_recipe
 from rmkit.train.rundir import RunPlan, plan_run, write_run_dir
 
 LOCK_FILE = ".lock"
+SHM_DIR = Path("/dev/shm")
+
+
+def release_shm(port: int | None = None, shm_dir: Path = SHM_DIR) -> list[Path]:
+    """Unlink the shared-memory all-reduce buffers DeepSpeed's CPU backend leaves behind.
+
+    Its shm comm (ops/csrc/cpu/comm/shm.cpp) creates `deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`
+    (67 MB per rank) and never unlinks it, on success or failure; /dev/shm is RAM, so a few hundred
+    runs fill memory and later runs die of the OOM killer. With `port`: that launch's buffers
+    (the port is unique to it). Without: every local launch's whose port nobody listens on any
+    more (a run killed with its launcher, so no one cleaned up after it)."""
+    removed = []
+    for f in shm_dir.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"):
+        parts = f.name.rsplit("_", 3)  # [prefix_uid, addr, port, rank]
+        if len(parts) != 4 or not parts[2].isdigit():
+            continue
+        if port is not None and int(parts[2]) != port:
+            continue
+        if port is None and (parts[1] not in ("127.0.0.1", "localhost") or _listening(int(parts[2]))):
+            continue
+        with contextlib.suppress(OSError):
+            f.unlink()
+            removed.append(f)
+    return removed
+
+
+def _listening(port: int) -> bool:
+    """Rank 0's TCP store listens on the master port for as long as a run lives."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def free_port() -> int:
@@ -74,7 +107,12 @@ def _default_runner(cmd: list[str]) -> int:
     bindir = Path(sys.executable).parent
     if (bindir / "deepspeed").exists():
         cmd = [str(bindir / "deepspeed"), *cmd[1:]]
-    return subprocess.call(cmd, env=env)
+    release_shm()  # what killed runs left
+    try:
+        return subprocess.call(cmd, env=env)
+    finally:
+        if "--master_port" in cmd:
+            release_shm(int(cmd[cmd.index("--master_port") + 1]))
 
 
 def train(recipe: Recipe, resume: bool = False, dry_run: bool = False,
