@@ -3,10 +3,12 @@
 Two kinds of model folder are accepted, and each is read the way it was made:
 - an rmkit checkpoint (meta.json): `RewardModel` with the checkpoint's recorded encoding
   (prompt and response tokenized apart, max_length, truncation side, appended eos, padding side);
-- any Hugging Face sequence-classification folder with one label (safetensors):
-  `AutoModelForSequenceClassification`, each whole text encoded as `tokenizer(text)` does, so a
-  reward equals `model(**tokenizer(text)).logits`. These are always right-padded, the one side
-  every architecture scores exactly as an unpadded text (position ids, first-token poolers).
+- any Hugging Face sequence-classification folder with one label (safetensors): each whole text
+  encoded as `tokenizer(text)` does, so a reward equals `model(**tokenizer(text)).logits`.
+  A decoder folder whose head is a bias-free `score` (Llama, Qwen, Mistral, Gemma, GPT-2, ...,
+  what TRL and OpenRLHF save) loads into `RewardModel` and shares each record's common token
+  prefix, like rmkit checkpoints; any other (encoders, biased heads) runs as
+  `AutoModelForSequenceClassification`, right-padded, one row per text.
 
 Everything the user can get wrong (folders, recipe, data files) is checked before any model is
 loaded, and the JSON report is written atomically at the very end: a bad input leaves no file.
@@ -100,6 +102,7 @@ class Scorer:
     device: "torch.device"
     dtype: "torch.dtype"
     encoding: Encoding = field(init=False)
+    strip_id: int | None = None  # HF pools at the last token that is not the config's pad id
 
     def __post_init__(self) -> None:
         self.encoding = self.checkpoint.encoding
@@ -111,7 +114,7 @@ class Scorer:
             from rmkit.data.collate import encode_record
 
             return encode_record(record, self.tokenizer, e.max_length, e.truncation_side, e.append_eos)
-        return encode_whole_text(record, self.tokenizer, e.max_length, e.truncation_side)
+        return encode_whole_text(record, self.tokenizer, e.max_length, e.truncation_side, self.strip_id)
 
 
 # ---- checking folders (no torch) -------------------------------------------------------------
@@ -311,15 +314,23 @@ def _whole_ids(tokenizer: Any, text: str, max_length: int, side: str) -> tuple[l
     return (full[len(full) - max_length:] if side == "left" else full[:max_length]), True
 
 
-def encode_whole_text(record: Record, tokenizer: Any, max_length: int, side: str = "left") -> "EncodedRecord":
+def encode_whole_text(record: Record, tokenizer: Any, max_length: int, side: str = "left",
+                      strip_id: int | None = None) -> "EncodedRecord":
     """Each response as `tokenizer(prompt + response)` encodes it. The rows' common token prefix is
     stored as the record's prompt ids, so prompt_ids + response_ids[i] is exactly row i and a
-    scorer that shares the prompt can share it too (every row keeps at least one own token)."""
+    scorer that shares the prompt can share it too (every row keeps at least one own token).
+
+    strip_id: trailing tokens equal to it are dropped. HF's sequence classifiers pool at the last
+    token that is not the pad id; under causal attention the tokens after it change nothing, so
+    the shorter row scores exactly what `model(**tokenizer(text))` scores."""
     from rmkit.data.collate import EncodedRecord
 
     rows, truncated = [], False
     for response in record.responses:
         ids, cut = _whole_ids(tokenizer, record.prompt + response, max_length, side)
+        if strip_id is not None:
+            while len(ids) > 1 and ids[-1] == strip_id:
+                ids = ids[:-1]
         rows.append(ids)
         truncated |= cut
     k = 0
@@ -401,25 +412,58 @@ def _load_scorer(ckpt: Checkpoint, device: "torch.device | None", dtype: "torch.
             model.to(device).eval()
             return Scorer(ckpt, model, tokenizer, int(tokenizer.pad_token_id), device, dtype)
 
-        from transformers import AutoModelForSequenceClassification
+        config_pad = _config_pad_id(ckpt.path)
+        shared = _load_decoder_reward(ckpt, dtype, trust_remote_code)
+        if shared is None:
+            from transformers import AutoModelForSequenceClassification
 
-        hf = AutoModelForSequenceClassification.from_pretrained(
-            str(ckpt.path), dtype=dtype, local_files_only=True, use_safetensors=True,
-            trust_remote_code=trust_remote_code)
+            hf = AutoModelForSequenceClassification.from_pretrained(
+                str(ckpt.path), dtype=dtype, local_files_only=True, use_safetensors=True,
+                trust_remote_code=trust_remote_code)
     finally:
         hf_logging.set_verbosity(verbosity)
+    if ckpt.encoding.max_length is None:
+        text = (shared.config if shared is not None else hf.config).get_text_config()
+        limits = [int(v) for v in (getattr(text, "max_position_embeddings", None), getattr(text, "n_positions", None),
+                                   tokenizer.model_max_length) if isinstance(v, int) and 1 < v < 1_000_000]
+        ckpt.encoding.max_length = min(limits) if limits else FALLBACK_MAX_LENGTH
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = int(config_pad if config_pad is not None else (pad if pad is not None else 0))
+    if shared is not None:
+        shared.to(device).eval()
+        scorer = Scorer(ckpt, shared, tokenizer, pad, device, dtype)
+        scorer.strip_id = config_pad
+        return scorer
     hf.to(device).eval()
     text = hf.config.get_text_config()
     if getattr(text, "pad_token_id", None) is None:
         # HF pools at the last token that is not padding; batching needs some pad id.
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        text.pad_token_id = int(pad if pad is not None else 0)
-        hf.config.pad_token_id = text.pad_token_id
-    if ckpt.encoding.max_length is None:
-        limits = [int(v) for v in (getattr(text, "max_position_embeddings", None), getattr(text, "n_positions", None),
-                                   tokenizer.model_max_length) if isinstance(v, int) and 1 < v < 1_000_000]
-        ckpt.encoding.max_length = min(limits) if limits else FALLBACK_MAX_LENGTH
-    return Scorer(ckpt, _HFReward(hf), tokenizer, int(text.pad_token_id), device, dtype)
+        text.pad_token_id = pad
+        hf.config.pad_token_id = pad
+    return Scorer(ckpt, _HFReward(hf), tokenizer, pad, device, dtype)
+
+
+def _config_pad_id(path: Path) -> int | None:
+    config = _read_json(path / "config.json")
+    pad = config.get("pad_token_id", config.get("text_config", {}).get("pad_token_id"))
+    return pad if isinstance(pad, int) else None
+
+
+def _load_decoder_reward(ckpt: Checkpoint, dtype: "torch.dtype", trust_remote_code: bool) -> Any:
+    """The folder as a `RewardModel` (last-token pooling) when it is a decoder with a bias-free
+    `score` head, else None. Same weights and last-token rule as its sequence-classification
+    class, plus what that class lacks: prefix sharing, padding on either side."""
+    import warnings
+
+    from rmkit.model import RewardModel
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an untied LM head without weights: eval never uses it
+            return RewardModel.from_pretrained(ckpt.path, pooling="last", dtype=dtype,
+                                               trust_remote_code=trust_remote_code)
+    except Exception:  # not a decoder with rmkit's head (encoders, biased heads, custom poolers)
+        return None
 
 
 # ---- scoring -----------------------------------------------------------------------------------
@@ -429,8 +473,9 @@ def score_records(scorer: Scorer, records: list[Record], batch_size: int = DEFAU
                   prefix_sharing: bool | None = None) -> tuple[list["EncodedRecord"], list[list[float]]]:
     """Rewards for every response of every record, in record order (one process).
 
-    prefix_sharing: None = wherever the model supports it (rmkit checkpoints; a plain HF model
-    reads one row per response); False forces one row per response (the reference layout)."""
+    prefix_sharing: None = wherever the model supports it (rmkit checkpoints and decoder reward
+    folders; a folder run as AutoModelForSequenceClassification reads one row per response);
+    False forces one row per response (the reference layout)."""
     import torch
 
     from rmkit.score import score_shard
@@ -438,11 +483,13 @@ def score_records(scorer: Scorer, records: list[Record], batch_size: int = DEFAU
     if batch_size < 1:
         raise RmkitError(f"--batch-size must be at least 1, got {batch_size}")
     side = padding_side or scorer.encoding.padding_side
-    if side != "right" and scorer.checkpoint.kind == "hf":
-        raise ValueError("plain Hugging Face folders are scored right-padded only")
-    share = scorer.checkpoint.kind == "rmkit" if prefix_sharing is None else prefix_sharing
-    if share and scorer.checkpoint.kind == "hf":
-        raise ValueError("plain Hugging Face folders cannot share the prompt: they read one row per text")
+    packs = getattr(scorer.model, "supports_packing", True)
+    if side != "right" and not packs:
+        raise ValueError("folders run as AutoModelForSequenceClassification are scored right-padded only")
+    share = packs if prefix_sharing is None else prefix_sharing
+    if share and not packs:
+        raise ValueError("folders run as AutoModelForSequenceClassification cannot share the prompt: "
+                         "they read one row per text")
     encoded = [scorer.encode(r) for r in records]
     rewards: list[list[float]] = [[] for _ in records]
     with torch.inference_mode():

@@ -100,10 +100,13 @@ def test_hf_folder_rewards_equal_model_on_tokenizer_text(hf_dir: Path, tiny_reco
 
     from rmkit.evaluate import score_records
 
+    from rmkit.model import RewardModel
+
     records = tiny_records + _toy_records()[:4]
     scorer = _cpu_scorer(hf_dir)
     assert scorer.checkpoint.kind == "hf" and scorer.encoding.max_length == 512  # max_position_embeddings
-    encoded, rewards = score_records(scorer, records, batch_size=3)
+    assert isinstance(scorer.model, RewardModel)  # a decoder folder: shares each record's token prefix
+    encoded, rewards = score_records(scorer, records, batch_size=3, prefix_sharing=True)
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
     model = AutoModelForSequenceClassification.from_pretrained(str(hf_dir)).eval()
     for rec, enc, got in zip(records, encoded, rewards):
@@ -114,6 +117,62 @@ def test_hf_folder_rewards_equal_model_on_tokenizer_text(hf_dir: Path, tiny_reco
                 want = model(**inputs).logits[0, 0].item()
             assert got[k] == pytest.approx(want, abs=1e-5)
     assert len({tuple(r) for r in rewards}) == len(records) and max(abs(x) for r in rewards for x in r) > 0.05
+
+
+def _lone_hf_rewards(folder: Path, records: list[Record]) -> list[list[float]]:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        return [[model(**tok(r.prompt + x, return_tensors="pt")).logits[0, 0].item() for x in r.responses]
+                for r in records]
+
+
+def test_hf_folder_pooling_skips_trailing_pad_ids_as_hf_does(hf_dir: Path, tmp_path: Path) -> None:
+    """HF pools at the last token that is not config.pad_token_id: a text ending in that id is
+    scored at the token before it, by the classifier and by rmkit's shared-prefix path alike."""
+    from transformers import AutoTokenizer
+
+    from rmkit.evaluate import score_records
+
+    folder = tmp_path / "padded"
+    shutil.copytree(hf_dir, folder)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    rec = Record("## Human:\nsay it\n\n## Assistant:\n", (" yes that is right", " no that is wrong"), (1.0, 0.0))
+    last = tok(rec.prompt + rec.responses[0])["input_ids"][-1]
+    config = json.loads((folder / "config.json").read_text())
+    config["pad_token_id"] = last
+    (folder / "config.json").write_text(json.dumps(config))
+    scorer = _cpu_scorer(folder)
+    encoded, got = score_records(scorer, [rec], batch_size=1)
+    assert len(encoded[0].prompt_ids + encoded[0].response_ids[0]) == len(tok(rec.prompt + rec.responses[0])["input_ids"]) - 1
+    want = _lone_hf_rewards(folder, [rec])
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=1e-5)
+
+
+def test_hf_folder_with_a_biased_head_runs_as_the_classifier(hf_dir: Path, tmp_path: Path) -> None:
+    """A head rmkit's RewardModel cannot hold falls back to AutoModelForSequenceClassification,
+    one right-padded row per text, and still scores what the lone forward scores."""
+    from safetensors.torch import load_file, save_file
+
+    from rmkit.evaluate import _HFReward, score_records
+
+    folder = tmp_path / "biased"
+    shutil.copytree(hf_dir, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["score.bias"] = torch.tensor([0.25])
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["LlamaForSequenceClassification"]
+    (folder / "config.json").write_text(json.dumps(config))
+    records = _toy_records()[:4]
+    scorer = _cpu_scorer(folder)
+    assert isinstance(scorer.model, _HFReward)
+    with pytest.raises(ValueError, match="cannot share the prompt"):
+        score_records(scorer, records, prefix_sharing=True)
+    _, got = score_records(scorer, records, batch_size=3)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(_lone_hf_rewards(folder, records)), atol=1e-5, rtol=1e-5)
 
 
 def test_hf_folder_truncation_keeps_bos_and_the_end_and_is_counted(hf_dir: Path) -> None:
