@@ -110,6 +110,7 @@ class TrainSpec(_Strict):
     keep_last: int = Field(2, gt=0)
     log_every: int = Field(1, gt=0)
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    gradient_checkpointing: bool = False  # recompute decoder activations in backward: memory for ~1/3 more compute
     output_dir: str = "runs/run"
 
 

@@ -131,6 +131,8 @@ class Runner:
                 raise RmkitError("model.lora applies to grft/crft; blt trains the whole LM",
                                  where="model.lora", hint="remove model.lora from the blt recipe")
             apply_lora(self.model, r.model.lora, seed=r.train.seed)
+        if r.train.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()  # non-reentrant (transformers' default)
         self.append_eos = r.model.pooling == "eos"
         # data: encode once, lengths for grouping
         train = read_records(self.run_dir / "data" / "train.jsonl")

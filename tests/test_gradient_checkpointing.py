@@ -1,0 +1,58 @@
+"""`train.gradient_checkpointing`: really on in the decoder, and the same step as without it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rmkit.data.records import Record, write_records
+
+
+def _runner(tmp: Path, model: Path, checkpointing: bool):  # type: ignore[no-untyped-def]
+    from rmkit.recipe import Recipe
+    from rmkit.train.loop import Runner
+    from rmkit.train.rundir import plan_run, write_run_dir
+
+    data = tmp / "pairs.jsonl"
+    write_records(data, [Record(f"question {i}? ", (" yes that is right", " no"), (1.0, 0.0)) for i in range(4)])
+    recipe = Recipe.model_validate({
+        "stage": "grft", "model": {"path": str(model)},
+        "data": {"train": [{"path": str(data)}], "max_length": 32},
+        "loss": {"imitation_weight": 0.5},
+        "train": {"lr": 1e-2, "schedule": "constant", "global_batch": 4, "micro_batch": 2, "max_steps": 1,
+                  "seed": 0, "gradient_checkpointing": checkpointing, "output_dir": str(tmp / f"run-{checkpointing}")},
+        "launch": {"deepspeed": "zero0", "gpus": 1, "precision": "fp32"},
+    })
+    plan = plan_run(recipe)
+    write_run_dir(recipe, plan)
+    runner = Runner(plan.run_dir, resume=False)
+    runner.build()
+    runner.engine.train()
+    return runner
+
+
+def test_gradient_checkpointing_is_on_and_gives_the_same_step(tmp_path: Path, tiny_model_dir: Path,
+                                                              monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from rmkit.train.launch import free_port
+
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+    results = {}
+    for flag in (False, True):
+        runner = _runner(tmp_path, tiny_model_dir, flag)
+        assert runner.model.base_model.gradient_checkpointing is flag
+        out = runner.train_step(0)
+        results[flag] = (out["loss"], {n: p.detach().clone() for n, p in runner.model.named_parameters()})
+    assert results[True][0] == results[False][0]
+    for name, p in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], p, atol=1e-6, rtol=1e-5, msg=name)
+    first = next(iter(results[False][1]))
+    assert not torch.equal(results[False][1][first], _fresh(tiny_model_dir, first))  # the step changed the weights
+
+
+def _fresh(model: Path, name: str) -> torch.Tensor:
+    from rmkit.model import RewardModel
+
+    return dict(RewardModel.from_pretrained(model).named_parameters())[name].detach()
