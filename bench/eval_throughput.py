@@ -7,9 +7,11 @@ Both sides score the same model on the same pairs, on the same device and dtype:
 
 Default: the built-in smollm2-135m converted to a reward folder with a random head (cached under
 $RMKIT_CACHE/bench), the first 64 HH helpful pairs, max_length 256: seconds on a GPU, about three
-minutes on a quiet 2-core CPU. Prints a rich table and, last, one markdown row:
+minutes on a quiet 2-core CPU. rmkit is timed twice, one row per response and with the shared
+prefix (its default), and every side counts the token positions it computes. Prints a rich table
+and appends a section to docs/benchmarks.md:
 
-  python bench/eval_throughput.py [--model NAME_OR_FOLDER] [--pairs 64] [--batch-size 16]
+  python bench/eval_throughput.py [--model NAME_OR_FOLDER] [--pairs 64] [--batch-size 16] [--profile]
 
 Timings on a shared machine are noisy: run it on a quiet one for numbers you report.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -56,8 +59,21 @@ def reward_folder(name: str) -> Path:
     return out
 
 
+class Positions:
+    """Counts the token positions a model computes (rows x padded length, over all forwards): on a
+    CPU, where one text already keeps the cores busy, time follows this count."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.count = 0
+        self.handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _m: Any, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.count += int(ids.numel())
+
+
 def hf_loop(folder: Path, records: list[Record], max_length: int, device: torch.device,
-            dtype: torch.dtype) -> tuple[float, list[list[float]]]:
+            dtype: torch.dtype) -> tuple[float, list[list[float]], int]:
     """The straightforward way: one forward per text, the tokenizer's own truncation (left)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -73,25 +89,74 @@ def hf_loop(folder: Path, records: list[Record], max_length: int, device: torch.
 
     with torch.no_grad():
         one(records[0].prompt + records[0].responses[0])  # warm-up
+        positions = Positions(model)
         t0 = time.perf_counter()
         rewards = [[one(r.prompt + resp) for resp in r.responses] for r in records]
         seconds = time.perf_counter() - t0
     del model
-    return seconds, rewards
+    return seconds, rewards, positions.count
 
 
-def main() -> None:
+def rmkit_pass(scorer: Any, records: list[Record], batch_size: int, share: bool,
+               profile: bool = False) -> tuple[float, list[Any], list[list[float]], int]:
+    score_records(scorer, records[:2], batch_size, prefix_sharing=share)  # warm-up
+    module = scorer.model if isinstance(scorer.model, torch.nn.Module) else scorer.model.model
+    positions = Positions(module)
+    prof = None
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if scorer.device.type == "cuda" else [])
+        prof = torch_profile(activities=acts)
+        prof.__enter__()
+    t0 = time.perf_counter()
+    encoded, rewards = score_records(scorer, records, batch_size, prefix_sharing=share)
+    if scorer.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        print_profile(prof, scorer.device.type)
+    positions.handle.remove()
+    return seconds, encoded, rewards, positions.count
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
+              "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_efficient_attention",
+              "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_cudnn_attention")
+
+
+def print_profile(prof: Any, device: str) -> None:
+    """Top operators by self time, and the share of time in matrix multiplies and attention."""
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    total = sum(getattr(e, key) for e in events) or 1
+    t = Table(title=f"rmkit eval profile (shared prefix), self {device.upper()} time")
+    for col in ("operator", "calls", "self ms", "share"):
+        t.add_column(col, justify="left" if col == "operator" else "right")
+    for e in sorted(events, key=lambda e: -getattr(e, key))[:10]:
+        t.add_row(e.key, str(e.count), f"{getattr(e, key) / 1000:.0f}", f"{getattr(e, key) / total:.1%}")
+    console.print(t)
+    mm = sum(getattr(e, key) for e in events if e.key in MATMUL_OPS and e.key not in ("aten::matmul", "aten::linear"))
+    console.print(f"matrix multiplies and attention kernels: {mm / total:.1%} of self {device.upper()} time")
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m", help="built-in name, causal-LM folder, reward folder or rmkit checkpoint")
     ap.add_argument("--pairs", type=int, default=64, help="HH helpful pairs to score (default 64)")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=16, help="records per forward on the rmkit side")
     ap.add_argument("--data", default=os.path.join(os.environ.get("RMKIT_DATA", "../shared/data"), "helpful.json"))
-    args = ap.parse_args()
+    ap.add_argument("--profile", action="store_true", help="profile the shared-prefix pass (torch.profiler)")
+    ap.add_argument("--docs", default=str(Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"),
+                    help="append results here ('' = don't)")
+    ap.add_argument("--note", default="", help="a line to write with the results")
+    args = ap.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-
+    load = os.getloadavg()[0]
     folder = reward_folder(args.model)
     records = load_source(args.data).records[: args.pairs]
     pairs = sum(len(r.pairs()) for r in records)
@@ -99,32 +164,56 @@ def main() -> None:
     torch.manual_seed(0)
 
     scorer = load_scorer(inspect_checkpoint(folder, args.max_length), device, dtype)
-    score_records(scorer, records[:2], args.batch_size)  # warm-up
-    t0 = time.perf_counter()
-    encoded, ours = score_records(scorer, records, args.batch_size)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    rm_s = time.perf_counter() - t0
-    rm_acc = set_result(records, encoded, ours).accuracy
+    packs = getattr(scorer.model, "supports_packing", True)
+    rows: list[tuple[str, float, int, float]] = []  # name, seconds, positions, accuracy
+    un_s, un_enc, un_r, un_pos = rmkit_pass(scorer, records, args.batch_size, share=False)
+    rows.append((f"rmkit eval, one row per response (batch {args.batch_size})", un_s, un_pos,
+                 set_result(records, un_enc, un_r).accuracy))
+    encoded, ours = un_enc, un_r
+    if packs:
+        sh_s, encoded, ours, sh_pos = rmkit_pass(scorer, records, args.batch_size, share=True, profile=args.profile)
+        rows.append((f"rmkit eval, shared prefix (batch {args.batch_size}): the default", sh_s, sh_pos,
+                     set_result(records, encoded, ours).accuracy))
     del scorer
 
-    hf_s, theirs = hf_loop(folder, records, args.max_length, device, dtype)
-    hf_acc = set_result(records, encoded, theirs).accuracy
+    hf_s, theirs, hf_pos = hf_loop(folder, records, args.max_length, device, dtype)
+    rows.insert(0, ("HF loop, one text per forward", hf_s, hf_pos, set_result(records, encoded, theirs).accuracy))
     diff = max(abs(a - b) for ra, rb in zip(ours, theirs) for a, b in zip(ra, rb))
 
-    rm_rate, hf_rate = pairs / rm_s, pairs / hf_s
     where = f"{device.type} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), {str(dtype).removeprefix('torch.')}"
+    cols = ("scorer", "seconds", "pairs/s", "speed vs HF loop", "positions computed", "positions vs HF loop", "accuracy")
     t = Table(title=f"eval throughput: {args.model}, {pairs} HH helpful pairs, max_length {args.max_length}, {where}")
-    for col in ("scorer", "seconds", "pairs/s", "ratio", "accuracy"):
+    for col in cols:
         t.add_column(col, justify="left" if col == "scorer" else "right")
-    t.add_row("HF loop (one text per forward)", f"{hf_s:.2f}", f"{hf_rate:.2f}", "1.00x", f"{hf_acc:.3f}")
-    t.add_row(f"rmkit eval (batch {args.batch_size})", f"{rm_s:.2f}", f"{rm_rate:.2f}", f"{rm_rate / hf_rate:.2f}x",
-              f"{rm_acc:.3f}")
+    md = []
+    for name, sec, pos, acc in rows:
+        cells = [name, f"{sec:.2f}", f"{pairs / sec:.2f}", f"{hf_s / sec:.2f}x", str(pos), f"{pos / hf_pos:.2f}x", f"{acc:.3f}"]
+        t.add_row(*cells)
+        md.append("| " + " | ".join(cells) + " |")
     console.print(t)
-    console.print(f"max |reward difference| between the two: {diff:.2e}; "
+    console.print(f"max |reward difference| rmkit vs HF loop: {diff:.2e}; "
                   f"{sum(e.truncated for e in encoded)} of {len(records)} records truncated")
-    print(f"| {args.model} | {where} | {pairs} | {args.max_length} | {hf_rate:.2f} | {rm_rate:.2f} | "
-          f"{rm_rate / hf_rate:.2f}x |")
+    if args.docs:
+        import datetime as dt
+        import shlex
+        import sys
+
+        from throughput import hardware, versions
+
+        cmd = "python bench/eval_throughput.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+        lines = [f"\n### {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — eval, {args.model}", "",
+                 f"- command: `{cmd.strip()}`",
+                 f"- model: {args.model} ({folder.name}); data: the first {len(records)} HH helpful records "
+                 f"({pairs} pairs), max length {args.max_length}, {where}",
+                 f"- hardware: {hardware()}; 1-minute load average at start {load:.1f}",
+                 f"- versions: {versions()}",
+                 f"- max reward difference rmkit vs HF loop: {diff:.2e}"]
+        if args.note:
+            lines.append(f"- note: {args.note}")
+        lines += ["", "| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1), *md, ""]
+        with open(args.docs, "a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        console.print(f"appended to {args.docs}")
 
 
 if __name__ == "__main__":

@@ -345,7 +345,9 @@ def main(argv: list[str] | None = None) -> None:
                                   capture_output=True, text=True, timeout=args.timeout,
                                   env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
             if proc.returncode != 0:
-                console.print(f"[red]{mode} failed[/]\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+                how = (f"killed by signal {-proc.returncode} (SIGKILL is usually the kernel's OOM killer: "
+                       f"check `free -g` and /dev/shm)" if proc.returncode < 0 else f"exit code {proc.returncode}")
+                console.print(f"[red]{mode} failed: {how}[/]\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
                 continue
             res = json.loads(Path(spec["result"]).read_text())
             res["pairs_per_s"] = res["pairs"] / res["seconds"]
@@ -374,6 +376,10 @@ def main(argv: list[str] | None = None) -> None:
         md_rows.append("| " + " | ".join(cells) + " |")
     console.print(table)
 
+    failed = [m for m in modes if m not in results]
+    if failed:
+        console.print(f"[red]not written to {args.docs or 'docs'}: {', '.join(failed)} failed[/]")
+        sys.exit(1)
     if args.docs:
         cmd = "python bench/throughput.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         lines = [
