@@ -20,8 +20,10 @@ from typing import Any, Callable
 
 from rmkit.console import console
 from rmkit.errors import RmkitError
-from rmkit.io import atomic_file, atomic_write_json, atomic_write_text
-from rmkit.recipe import Recipe, load_recipe, load_tree
+from rmkit.io import atomic_file, atomic_write_json, atomic_write_text, sha256_text
+from rmkit.recipe import Recipe, dump_recipe, load_recipe, load_tree
+
+LEDGER = "points.json"  # point name -> sha256 of the resolved recipe it was trained with
 
 DEFAULT_GENERAL = "${RMKIT_DATA:-../shared/data}/helpful.json"
 
@@ -125,18 +127,33 @@ def run_sweep(recipe_path: str, domain: str, weights: list[float], enrich: list[
     domain_pairs = base.train.max_steps * base.train.global_batch if base.train.max_steps else base.data.train[0].limit
     results: list[dict[str, Any]] = []
     start = _grft_start(base, out, domain_set, eval_fn)
+    ledger: dict[str, str] = json.loads((out / LEDGER).read_text()) if (out / LEDGER).exists() else {}
     for i, p in enumerate(grid, 1):
         run = out / "points" / p.name
         row: dict[str, Any] = {"point": p.name, "imitation_weight": p.imitation, "enrich": p.enrich, "run": str(run)}
         done = run / "eval_final.json"
+        try:
+            sets = point_overrides(base_tree, p, out, parent, general, domain_pairs, base.train.global_batch)
+            r = load_recipe(recipe_path, [*(extra or []), *sets], stage="crft", domain=domain)
+        except RmkitError as e:
+            row["status"] = f"failed: {e.problem}"
+            console.print(f"[red]point {p.name} failed[/]: {row['status']}; continuing")
+            results.append(row)
+            continue
+        key = sha256_text(dump_recipe(r))
         if done.exists() and (run / "final" / "meta.json").exists():
+            if ledger.get(p.name, key) != key:  # same folder, other settings: never pass old numbers off as new
+                row["status"] = (f"stale: {run} was trained with another recipe; delete it or sweep into another -o")
+                console.print(f"[red]point {p.name}[/]: {row['status']}")
+                results.append(row)
+                continue
             row["status"] = "cached"
         else:
             console.rule(f"[bold]sweep point {i}/{len(grid)}[/]: {p.name}")
+            ledger[p.name] = key
+            atomic_write_json(out / LEDGER, ledger)
             t0 = time.perf_counter()
             try:
-                sets = point_overrides(base_tree, p, out, parent, general, domain_pairs, base.train.global_batch)
-                r = load_recipe(recipe_path, [*(extra or []), *sets], stage="crft", domain=domain)
                 code = train_fn(r) if not (run / "run.json").exists() else _resume(train_fn, r)
                 row["status"] = "ok" if code == 0 and done.exists() else f"failed (exit {code})"
             except RmkitError as e:
@@ -165,11 +182,15 @@ def _resume(train_fn: Callable[..., int], r: Recipe) -> int:
 def _grft_start(base: Recipe, out: Path, domain_set: str, eval_fn: Callable[[Path, Recipe], dict[str, Any]] | None) -> dict[str, Any] | None:
     """Accuracy of the GRFT checkpoint itself on the same eval sets (cached in DIR/grft_start.json)."""
     cache = out / "grft_start.json"
+    key = sha256_text(json.dumps([str(base.model.path), base.data.max_length, base.data.truncation_side,
+                                  {k: v.model_dump(mode="json") for k, v in base.data.eval.items()}]))
     if cache.exists():
-        return json.loads(cache.read_text())
+        start = json.loads(cache.read_text())
+        if start.get("key") == key:
+            return start
     evals = (eval_fn or evaluate_on_recipe_sets)(Path(base.model.path), base)
     gen, dom = _accuracies(evals, domain_set)
-    start = {"general_acc": gen, "domain_acc": dom, "eval": evals}
+    start = {"general_acc": gen, "domain_acc": dom, "eval": evals, "key": key}
     atomic_write_json(cache, start)
     return start
 

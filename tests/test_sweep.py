@@ -74,7 +74,10 @@ def test_sweep_runs_resumes_and_survives_a_failed_point(tmp_path: Path) -> None:
             "general": {"accuracy": 0.7 - w / 10, "pairs": 10}})
         return 0
 
+    evals: list[int] = []
+
     def fake_eval(path: Path, r: Recipe) -> dict:
+        evals.append(r.data.max_length)
         return {"domain": {"accuracy": 0.5, "pairs": 10}, "general": {"accuracy": 0.72, "pairs": 10}}
 
     out = tmp_path / "sweep"
@@ -95,6 +98,19 @@ def test_sweep_runs_resumes_and_survives_a_failed_point(tmp_path: Path) -> None:
                    train_fn=fake_train, eval_fn=fake_eval)
     assert [w for w, _ in calls] == [1.0, 1.0]
     assert sum(p["status"] == "cached" for p in s2["points"]) == 4
+    # third run into the same folder with another setting: the old points are not passed off as new
+    calls.clear()
+    s3 = run_sweep(str(recipe), "business", [0.0], [0.0], out, general="h.json", extra=["train.lr=2e-6"],
+                   train_fn=fake_train, eval_fn=fake_eval)
+    assert calls == []
+    assert s3["points"][0]["status"] == (f"stale: {out / 'points' / 'imit0-enrich0'} was trained with another "
+                                         "recipe; delete it or sweep into another -o")
+    assert "domain_acc" not in s3["points"][0]
+    # the GRFT start is evaluated once, and again only when its eval settings change
+    assert evals == [512]
+    run_sweep(str(recipe), "business", [0.0], [0.0], out, general="h.json", extra=["data.max_length=256"],
+              train_fn=fake_train, eval_fn=fake_eval)
+    assert evals == [512, 256]
 
 
 def test_sweep_needs_a_crft_recipe(tmp_path: Path) -> None:
