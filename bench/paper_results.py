@@ -4,7 +4,7 @@ Every number in the report comes from an rmkit command that this script runs and
 the number. CPU-sized by default (SmolLM2-135M, slices of ../shared/data); `--grft-steps`,
 `--crft-steps` and `--eval-limit` set the budgets (raise them on a larger machine).
 
-    python bench/paper_results.py                  # ~25 min on a 2-core CPU
+    python bench/paper_results.py                  # ~80 min on a 2-core CPU
     python bench/paper_results.py --only grft      # one part (grft, domains, strategies, efficiency)
 """
 
@@ -58,14 +58,19 @@ def acc(e: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/results")
-    ap.add_argument("--grft-steps", type=int, default=16)
-    ap.add_argument("--crft-steps", type=int, default=8)
-    ap.add_argument("--eval-limit", type=int, default=48)
+    ap.add_argument("--grft-steps", type=int, default=48, help="GRFT steps of 8 HH pairs (one pass)")
+    ap.add_argument("--crft-steps", type=int, default=16, help="CRFT steps of 8 domain pairs (one pass)")
+    ap.add_argument("--grft-lr", type=float, default=2e-5)
+    ap.add_argument("--crft-lr", type=float, default=2e-5)
+    ap.add_argument("--eval-limit", type=int, default=96, help="test records per eval set")
     ap.add_argument("--only", choices=["grft", "domains", "strategies", "efficiency"], default=None)
+    ap.add_argument("--strategy-domains", default="business,entertainment",
+                    help="domains whose CRFT gets the imitation x enrichment grid (claim 4)")
     ap.add_argument("--report", default="docs/results.md")
     args = ap.parse_args()
     out = Path(args.out)
     grft_steps, crft_steps, ev = args.grft_steps, args.crft_steps, args.eval_limit
+    lrs = {"grft": args.grft_lr, "crft": args.crft_lr}
     rm = [sys.executable, "-m", "rmkit"]
     log: dict[str, list[str]] = {k: [] for k in ("grft", "domains", "strategies", "efficiency")}
     grft = out / "grft"
@@ -74,6 +79,7 @@ def main() -> None:
     if args.only in (None, "grft"):
         sh([*rm, "train", "grft", "--recipe", "recipes/cpu/grft.yaml", "--set", f"train.output_dir={grft}",
             "--set", f"train.max_steps={grft_steps}", "--set", f"data.train.0.limit={grft_steps * 8}",
+            "--set", f"train.lr={lrs['grft']:g}",
             "--set", "data.eval={}", "--set", general_eval, "--set", "train.eval_on_start=true",
             "--set", "train.save_every=0"], log["grft"], skip=(grft / "final" / "meta.json").exists())
 
@@ -81,21 +87,23 @@ def main() -> None:
         d = out / name
         sh([*rm, "sweep", "imitation", "--recipe", "recipes/cpu/crft.yaml", "--domain", domain,
             "--weights", weights, "--enrich", enrich, "--from", str(grft / "final"), "-o", str(d),
-            "--set", f"train.max_steps={crft_steps}", "--set", "data.eval={}",
+            "--set", f"train.max_steps={crft_steps}", "--set", f"train.lr={lrs['crft']:g}", "--set", "data.eval={}",
             "--set", f"data.eval.domain={{path: '{DATA}/dsp.json', format: dsp, split: test, limit: {ev}}}",
             "--set", general_eval, "--set", "train.save_every=0"], log[part])
         return d
 
-    report = lambda: write_report(out, Path(args.report), log, grft_steps, crft_steps, ev)  # noqa: E731
+    strategic = [d for d in DOMAINS if d in args.strategy_domains.split(",")]
+    report = lambda: write_report(out, Path(args.report), log, grft_steps, crft_steps, ev, lrs, strategic)  # noqa: E731
     report()
     if args.only in (None, "domains"):
         for d in DOMAINS:
-            if d != "business":
+            if d not in strategic:
                 sweep(d, "0", "0", f"crft-{d}", "domains")
         report()
     if args.only in (None, "domains", "strategies"):
-        sweep("business", "0,1", "0,0.5", "crft-business", "strategies")
-        report()
+        for d in strategic:
+            sweep(d, "0,1", "0,0.5", f"crft-{d}", "strategies")
+            report()
     if args.only in (None, "efficiency"):
         for k in (max(1, crft_steps // 4), max(1, crft_steps // 2)):
             run = out / f"efficiency-{k * 8}"
@@ -103,6 +111,7 @@ def main() -> None:
                     "--set", f"model.path={grft / 'final'}", "--set", f"train.output_dir={run}",
                     "--set", f"data.train=[{{path: '{DATA}/dsp.json', format: dsp, split: train, limit: {k * 8}}}]",
                     "--set", "data.mix_size=null", "--set", "loss.imitation_weight=0", "--set", f"train.max_steps={k}",
+                    "--set", f"train.lr={lrs['crft']:g}",
                     "--set", "data.eval={}", "--set",
                     f"data.eval.domain={{path: '{DATA}/dsp.json', format: dsp, split: test, limit: {ev}}}",
                     "--set", general_eval, "--set", "train.save_every=0"], log["efficiency"],
@@ -110,7 +119,8 @@ def main() -> None:
     report()
 
 
-def write_report(out: Path, report: Path, log: dict, grft_steps: int, crft_steps: int, ev: int) -> None:
+def write_report(out: Path, report: Path, log: dict, grft_steps: int, crft_steps: int, ev: int,
+                 lrs: dict[str, float], strategic: list[str]) -> None:
     cpu = "unknown CPU"
     try:
         cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
@@ -121,7 +131,8 @@ def write_report(out: Path, report: Path, log: dict, grft_steps: int, crft_steps
     lines = [f"<!-- written by bench/paper_results.py on {time.strftime('%Y-%m-%d')} -->"]
     lines.append(f"Hardware: {cpu}, {os.cpu_count()} cores, no GPU; Python {platform.python_version()}. "
                  f"Model: SmolLM2-135M-Instruct (built-in `smollm2-135m`), fp32, max length 128. "
-                 f"GRFT: {grft_steps} steps x 8 HH-helpful train pairs; CRFT: {crft_steps} steps x 8 pairs; "
+                 f"GRFT: {grft_steps} steps x 8 HH-helpful train pairs (one pass), lr {lrs['grft']:g} cosine; "
+                 f"CRFT: {crft_steps} steps x 8 domain pairs (one pass), lr {lrs['crft']:g} constant; "
                  f"eval: up to {ev} test records per set (prompt-hash split, 10% test).")
     grft = out / "grft"
     if (grft / "eval_final.json").exists():
@@ -139,25 +150,43 @@ def write_report(out: Path, report: Path, log: dict, grft_steps: int, crft_steps
         p = next(x for x in s["points"] if x["imitation_weight"] == 0 and x["enrich"] == 0)
         st = s["grft_start"]
         de = p["eval"]["domain"]
+        ge = p["eval"]["general"]
         rows.append(f"| {d} | {st['domain_acc']:.3f} | {p['domain_acc']:.3f} | {de['length_baseline']:.3f} | "
-                    f"{st['general_acc']:.3f} | {p['general_acc']:.3f} | {de['pairs']} |")
+                    f"{st['general_acc']:.3f} | {p['general_acc']:.3f} | {ge['length_baseline']:.3f} | "
+                    f"{de['pairs']} / {ge['pairs']} |")
     if rows:
         lines += ["", "### 2-3. CRFT per domain: domain accuracy vs GRFT, and what it does to general accuracy", "",
-                  "| domain | domain acc, GRFT | domain acc, CRFT | domain length baseline | general acc, GRFT | general acc, CRFT | domain pairs |",
-                  "|---|---|---|---|---|---|---|", *rows, "", "```", *log["domains"], *log["strategies"][:1], "```"]
-    sw = out / "crft-business" / "sweep.json"
-    if sw.exists():
+                  "| domain | domain acc, GRFT | domain acc, CRFT | domain length baseline | general acc, GRFT | "
+                  "general acc, CRFT | general length baseline | eval pairs (domain / general) |",
+                  "|---|---|---|---|---|---|---|---|", *rows, "", "```", *log["domains"], *log["strategies"], "```"]
+    lines += ["", "### 4. Imitation learning and general enrichment during CRFT"]
+    for dom in strategic:
+        sw = out / f"crft-{dom}" / "sweep.json"
+        if not sw.exists():
+            continue
         s = json.loads(sw.read_text())
         st = s["grft_start"]
-        lines += ["", "### 4. Imitation learning and general enrichment during CRFT (business)", "",
-                  "| imitation weight | enrichment | business acc | general acc | general change vs GRFT |", "|---|---|---|---|---|",
-                  f"| GRFT start | - | {st['domain_acc']:.3f} | {st['general_acc']:.3f} | - |"]
+        lines += ["", f"**{dom}**", "",
+                  f"| imitation weight | enrichment | train pairs (domain + general) | {dom} acc | {dom} change "
+                  f"vs GRFT | general acc | general change vs GRFT | length baselines ({dom} / general) |",
+                  "|---|---|---|---|---|---|---|---|",
+                  f"| GRFT start | - | - | {st['domain_acc']:.3f} | - | {st['general_acc']:.3f} | - | - |"]
         for p in s["points"]:
             if "general_acc" in p:
-                lines.append(f"| {p['imitation_weight']:g} | {p['enrich']:g} | {p['domain_acc']:.3f} | {p['general_acc']:.3f} | "
-                             f"{p['general_acc'] - st['general_acc']:+.3f} |")
-        lines += ["", f"![trade-off](../{out}/crft-business/tradeoff.png)" if False else
-                  "The sweep also draws `runs/results/crft-business/tradeoff.png`.", "", "```", *log["strategies"], "```"]
+                n_dom = crft_steps * 8
+                n_all = math.ceil(n_dom / (1 - p["enrich"]) / 8) * 8
+                lines.append(f"| {p['imitation_weight']:g} | {p['enrich']:g} | {n_dom} + {n_all - n_dom} | "
+                             f"{p['domain_acc']:.3f} | {p['domain_acc'] - st['domain_acc']:+.3f} | "
+                             f"{p['general_acc']:.3f} | {p['general_acc'] - st['general_acc']:+.3f} | "
+                             f"{p['eval']['domain']['length_baseline']:.3f} / {p['eval']['general']['length_baseline']:.3f} |")
+        png = out / f"crft-{dom}" / "tradeoff.png"
+        if png.exists():  # runs/ is not committed: keep a copy beside the report
+            img = report.parent / "img" / f"tradeoff-{dom}.png"
+            img.parent.mkdir(parents=True, exist_ok=True)
+            img.write_bytes(png.read_bytes())
+            lines += ["", f"![{dom} trade-off](img/tradeoff-{dom}.png)"]
+        lines += ["", "```", *[c for c in log["strategies"] if f"--domain {dom} " in c], "```"]
+    sw = out / "crft-business" / "sweep.json"
     eff = []
     for k in (8 * max(1, crft_steps // 4), 8 * max(1, crft_steps // 2)):
         run = out / f"efficiency-{k}"
@@ -173,8 +202,12 @@ def write_report(out: Path, report: Path, log: dict, grft_steps: int, crft_steps
         lines += ["", "### 5. Data efficiency: business accuracy against CRFT pairs", "",
                   "| CRFT pairs | business acc | length baseline |", "|---|---|---|", *eff, "", "```", *log["efficiency"], "```"]
     report.parent.mkdir(parents=True, exist_ok=True)
-    head = report.read_text().split("<!-- results -->")[0] if report.exists() else "# Results\n\n"
-    report.write_text(head.rstrip() + "\n\n<!-- results -->\n" + "\n".join(lines) + "\n")
+    # the tables go between the markers; the hand-written text around them stays
+    old = report.read_text() if report.exists() else "# Results\n\n<!-- results -->\n<!-- /results -->\n"
+    head, _, rest = old.partition("<!-- results -->")
+    tail = rest.partition("<!-- /results -->")[2]
+    report.write_text(head.rstrip() + "\n\n<!-- results -->\n" + "\n".join(lines) + "\n<!-- /results -->\n"
+                      + tail.lstrip("\n"))
     print(f"wrote {report}")
 
 

@@ -114,6 +114,8 @@ def worker_rmkit(spec: dict[str, Any], imitation_weight: float) -> dict[str, Any
     torch.set_num_threads(spec["threads"])  # the Runner takes all cores; every mode gets the same
     runner.build()
     runner.engine.train()
+    if spec.get("compile"):
+        runner.model.base_model.compile(dynamic=True)  # in place: parameter names unchanged
     for step in range(spec["warmup"]):
         runner.train_step(step)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -289,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--domain", default="business", help="DSP domain for CRFT")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
     p.add_argument("--no-prefix-sharing", action="store_true", help="rmkit modes without prefix sharing")
+    p.add_argument("--compile", action="store_true",
+                   help="rmkit modes with torch.compile(dynamic=True) on the decoder (an experiment; rmkit does not compile)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--timeout", type=int, default=1800, help="seconds per mode")
     p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks.md"), help="append results here ('' = don't)")
@@ -336,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
             spec = {"model": str(model), "data": str(data[stage]), "max_length": args.max_length,
                     "batch": args.batch, "warmup": args.warmup, "steps": steps, "threads": args.threads,
                     "imitation_weight": args.imitation_weight, "prefix_sharing": not args.no_prefix_sharing,
+                    "compile": args.compile,
                     "tmp": tempfile.mkdtemp(dir=tmp), "result": str(Path(tmp) / f"{mode.replace('/', '-')}.json")}
             spec_path = Path(spec["tmp"]) / "spec.json"
             spec_path.write_text(json.dumps(spec))

@@ -118,3 +118,12 @@ def test_sweep_needs_a_crft_recipe(tmp_path: Path) -> None:
     r.write_text(RECIPE.replace("stage: crft", "stage: grft"))
     with pytest.raises(RmkitError, match="a sweep runs CRFT points, but .* is a 'grft' recipe"):
         run_sweep(str(r), "business", [0.0], [0.0], tmp_path / "o", train_fn=lambda r: 0)
+
+
+def test_labels_of_nearby_points_take_different_corners() -> None:
+    from rmkit.sweep import _label_offsets
+
+    # two points 0.01 apart on a 0.08-wide plot, one far away: the near pair must not share a corner
+    offs = _label_offsets([(0.62, 0.63), (0.646, 0.604), (0.656, 0.604), (0.70, 0.59)])
+    assert offs[1] != offs[2]
+    assert offs[0] == offs[1] == offs[3] == (4, 4)
