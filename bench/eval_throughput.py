@@ -11,7 +11,7 @@ minutes on a quiet 2-core CPU. rmkit is timed twice, one row per response and wi
 prefix (its default), and every side counts the token positions it computes. Prints a rich table
 and appends a section to docs/benchmarks.md:
 
-  python bench/eval_throughput.py [--model NAME_OR_FOLDER] [--pairs 64] [--batch-size 16] [--profile]
+  python bench/eval_throughput.py [--model NAME_OR_FOLDER] [--pairs 64] [--batch-size N] [--profile]
 
 Timings on a shared machine are noisy: run it on a quiet one for numbers you report.
 """
@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="smollm2-135m", help="built-in name, causal-LM folder, reward folder or rmkit checkpoint")
     ap.add_argument("--pairs", type=int, default=64, help="HH helpful pairs to score (default 64)")
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=16, help="records per forward on the rmkit side")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="records per forward on the rmkit side (default: rmkit eval's, 16 on a GPU, 1 on a CPU)")
     ap.add_argument("--data", default=os.path.join(os.environ.get("RMKIT_DATA", "../shared/data"), "helpful.json"))
     ap.add_argument("--profile", action="store_true", help="profile the shared-prefix pass (torch.profiler)")
     ap.add_argument("--docs", default=str(Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"),
@@ -164,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
 
     scorer = load_scorer(inspect_checkpoint(folder, args.max_length), device, dtype)
+    from rmkit.evaluate import default_batch_size
+
+    args.batch_size = args.batch_size or default_batch_size(device)
     packs = getattr(scorer.model, "supports_packing", True)
     rows: list[tuple[str, float, int, float]] = []  # name, seconds, positions, accuracy
     un_s, un_enc, un_r, un_pos = rmkit_pass(scorer, records, args.batch_size, share=False)

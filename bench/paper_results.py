@@ -24,10 +24,9 @@ DOMAINS = ("academy", "business", "entertainment", "literature")
 DATA = "${RMKIT_DATA:-../shared/data}"
 
 
-def sh(cmd: list[str], log: list[str], skip: bool = False) -> None:
-    """Run (or, when its output already exists, only record) one rmkit command."""
+def sh(cmd: list[str], skip: bool = False) -> None:
+    """Run one rmkit command, unless its output already exists."""
     line = shlex.join(cmd)
-    log.append(line.replace(shlex.join([sys.executable, "-m", "rmkit"]), "rmkit", 1))  # as a user types it
     if skip:
         print(f"\n(done already) $ {line}", flush=True)
         return
@@ -76,46 +75,49 @@ def main() -> None:
     grft = out / "grft"
     general_eval = f"data.eval.general={{path: '{DATA}/helpful.json', split: test, limit: {ev}}}"
 
-    if args.only in (None, "grft"):
-        sh([*rm, "train", "grft", "--recipe", "recipes/cpu/grft.yaml", "--set", f"train.output_dir={grft}",
-            "--set", f"train.max_steps={grft_steps}", "--set", f"data.train.0.limit={grft_steps * 8}",
-            "--set", f"train.lr={lrs['grft']:g}",
-            "--set", "data.eval={}", "--set", general_eval, "--set", "train.eval_on_start=true",
-            "--set", "train.save_every=0"], log["grft"], skip=(grft / "final" / "meta.json").exists())
+    # every command of every part, so the report shows them all whichever part this call runs
+    plan: list[tuple[str, list[str], bool]] = []  # (part, argv, done already)
+    plan.append(("grft", [*rm, "train", "grft", "--recipe", "recipes/cpu/grft.yaml", "--set", f"train.output_dir={grft}",
+                          "--set", f"train.max_steps={grft_steps}", "--set", f"data.train.0.limit={grft_steps * 8}",
+                          "--set", f"train.lr={lrs['grft']:g}",
+                          "--set", "data.eval={}", "--set", general_eval, "--set", "train.eval_on_start=true",
+                          "--set", "train.save_every=0"], (grft / "final" / "meta.json").exists()))
 
-    def sweep(domain: str, weights: str, enrich: str, name: str, part: str) -> Path:
-        d = out / name
-        sh([*rm, "sweep", "imitation", "--recipe", "recipes/cpu/crft.yaml", "--domain", domain,
-            "--weights", weights, "--enrich", enrich, "--from", str(grft / "final"), "-o", str(d),
-            "--set", f"train.max_steps={crft_steps}", "--set", f"train.lr={lrs['crft']:g}", "--set", "data.eval={}",
-            "--set", f"data.eval.domain={{path: '{DATA}/dsp.json', format: dsp, split: test, limit: {ev}}}",
-            "--set", general_eval, "--set", "train.save_every=0"], log[part])
-        return d
+    def sweep(domain: str, weights: str, enrich: str, part: str) -> None:
+        plan.append((part, [*rm, "sweep", "imitation", "--recipe", "recipes/cpu/crft.yaml", "--domain", domain,
+                            "--weights", weights, "--enrich", enrich, "--from", str(grft / "final"),
+                            "-o", str(out / f"crft-{domain}"),
+                            "--set", f"train.max_steps={crft_steps}", "--set", f"train.lr={lrs['crft']:g}",
+                            "--set", "data.eval={}",
+                            "--set", f"data.eval.domain={{path: '{DATA}/dsp.json', format: dsp, split: test, limit: {ev}}}",
+                            "--set", general_eval, "--set", "train.save_every=0"], False))  # a sweep resumes itself
 
     strategic = [d for d in DOMAINS if d in args.strategy_domains.split(",")]
+    for d in DOMAINS:
+        if d not in strategic:
+            sweep(d, "0", "0", "domains")
+    for d in strategic:
+        sweep(d, "0,1", "0,0.5", "strategies")
+    for k in (max(1, crft_steps // 4), max(1, crft_steps // 2)):
+        run = out / f"efficiency-{k * 8}"
+        plan.append(("efficiency", [
+            *rm, "train", "crft", "--domain", "business", "--recipe", "recipes/cpu/crft.yaml",
+            "--set", f"model.path={grft / 'final'}", "--set", f"train.output_dir={run}",
+            "--set", f"data.train=[{{path: '{DATA}/dsp.json', format: dsp, split: train, limit: {k * 8}}}]",
+            "--set", "data.mix_size=null", "--set", "loss.imitation_weight=0", "--set", f"train.max_steps={k}",
+            "--set", f"train.lr={lrs['crft']:g}", "--set", "data.eval={}", "--set",
+            f"data.eval.domain={{path: '{DATA}/dsp.json', format: dsp, split: test, limit: {ev}}}",
+            "--set", general_eval, "--set", "train.save_every=0"], (run / "final" / "meta.json").exists()))
+
+    runs = {"grft": ("grft",), "domains": ("domains", "strategies"), "strategies": ("strategies",),
+            "efficiency": ("efficiency",), None: ("grft", "domains", "strategies", "efficiency")}[args.only]
+    for part, cmd, _ in plan:
+        log[part].append(shlex.join(cmd).replace(shlex.join(rm), "rmkit", 1))  # as a user types it
     report = lambda: write_report(out, Path(args.report), log, grft_steps, crft_steps, ev, lrs, strategic)  # noqa: E731
-    report()
-    if args.only in (None, "domains"):
-        for d in DOMAINS:
-            if d not in strategic:
-                sweep(d, "0", "0", f"crft-{d}", "domains")
-        report()
-    if args.only in (None, "domains", "strategies"):
-        for d in strategic:
-            sweep(d, "0,1", "0,0.5", f"crft-{d}", "strategies")
+    for part, cmd, done in plan:
+        if part in runs:
+            sh(cmd, skip=done)
             report()
-    if args.only in (None, "efficiency"):
-        for k in (max(1, crft_steps // 4), max(1, crft_steps // 2)):
-            run = out / f"efficiency-{k * 8}"
-            sh([*rm, "train", "crft", "--domain", "business", "--recipe", "recipes/cpu/crft.yaml",
-                    "--set", f"model.path={grft / 'final'}", "--set", f"train.output_dir={run}",
-                    "--set", f"data.train=[{{path: '{DATA}/dsp.json', format: dsp, split: train, limit: {k * 8}}}]",
-                    "--set", "data.mix_size=null", "--set", "loss.imitation_weight=0", "--set", f"train.max_steps={k}",
-                    "--set", f"train.lr={lrs['crft']:g}",
-                    "--set", "data.eval={}", "--set",
-                    f"data.eval.domain={{path: '{DATA}/dsp.json', format: dsp, split: test, limit: {ev}}}",
-                    "--set", general_eval, "--set", "train.save_every=0"], log["efficiency"],
-                   skip=(run / "final" / "meta.json").exists())
     report()
 
 
@@ -197,7 +199,7 @@ def write_report(out: Path, report: Path, log: dict, grft_steps: int, crft_steps
         s = json.loads(sw.read_text())
         p = next(x for x in s["points"] if x["imitation_weight"] == 0 and x["enrich"] == 0)
         eff.insert(0, f"| 0 (GRFT) | {s['grft_start']['domain_acc']:.3f} | {p['eval']['domain']['length_baseline']:.3f} |")
-        eff.append(f"| {crft_steps * 8} | {p['domain_acc']:.3f} | {p['eval']['domain']['length_baseline']:.3f} |")
+        eff.append(f"| {crft_steps * 8} (the business sweep's λ=0, e=0 point) | {p['domain_acc']:.3f} | {p['eval']['domain']['length_baseline']:.3f} |")
     if eff:
         lines += ["", "### 5. Data efficiency: business accuracy against CRFT pairs", "",
                   "| CRFT pairs | business acc | length baseline |", "|---|---|---|", *eff, "", "```", *log["efficiency"], "```"]

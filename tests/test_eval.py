@@ -369,3 +369,10 @@ def test_bad_input_exits_2_with_a_clear_message_and_no_json(case: str, trained: 
     assert res.stderr.startswith(msg), res.stderr
     assert "Traceback" not in res.stderr and "hint:" in res.stderr
     assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_default_batch_size_is_16_on_a_gpu_and_1_on_a_cpu() -> None:
+    from rmkit.evaluate import default_batch_size
+
+    assert default_batch_size(torch.device("cpu")) == 1  # padding is pure waste where one text fills the cores
+    assert default_batch_size(torch.device("cuda", 0)) == 16

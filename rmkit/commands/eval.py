@@ -9,7 +9,6 @@ from typing import List, Optional
 import typer
 
 from rmkit.errors import RmkitError
-from rmkit.evaluate import DEFAULT_BATCH_SIZE  # light: torch is imported only to score
 
 HELP = (
     "Preference accuracy of reward models on eval sets, side by side.\n\n"
@@ -28,7 +27,7 @@ def eval_command(
     checkpoints: List[str] = typer.Argument(..., metavar="CKPT...", help="rmkit checkpoint or HF reward folder(s)."),
     data: Optional[List[str]] = typer.Option(None, "--data", help="PATH[:NAME], any format rmkit reads (repeatable)."),
     domain: Optional[str] = typer.Option(None, "--domain", help="For DSP --data files: the preferred domain."),
-    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", help="Records per forward (a record's responses go together)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Records per forward, a record's responses together (default: 16 on a GPU, 1 on a CPU)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write every figure and each checkpoint's metadata here."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per row (default: the checkpoint's own)."),
     score_only: bool = typer.Option(False, "--score-only", help='Score {"prompt","response"} rows of one --data JSONL.'),
