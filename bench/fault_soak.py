@@ -35,9 +35,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from rmkit.checkpoint import META_FILE, list_checkpoints, problems, read_meta  # noqa: E402
+from rmkit.checkpoint import META_FILE, list_checkpoints  # noqa: E402
 from rmkit.data.records import Record, write_records  # noqa: E402
-from rmkit.errors import RmkitError  # noqa: E402
+from conftest import build_tiny_model as tiny_model  # noqa: E402
+from test_faults import _metrics as metrics, check_checkpoints as check, group_alive, last_step  # noqa: E402
 
 STEPS, SAVE_EVERY, EVAL_EVERY = 12, 2, 3
 MODES = ("external", "progress", "step", "save", "eval", "nan", "enospc", "nanweights")
@@ -46,22 +47,6 @@ EXPECTED = {  # exit-2 failures: the message the user must see
     "enospc": "could not write checkpoint {ckpt}/step-{k:06d}: No space left on device",
     "nanweights": "refusing to write {ckpt}/step-{k:06d}: 1 weight tensor(s) hold NaN or infinity at step {k}",
 }
-
-
-def tiny_model(out: Path) -> Path:
-    import torch
-    from conftest import build_tiny_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = build_tiny_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
-                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                         bos_token_id=tok.bos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def recipe(work: Path, model: Path, name: str, out: Path, gpus: int) -> Path:
@@ -91,60 +76,6 @@ def env(fault: str | None = None) -> dict[str, str]:
 
 def argv(rec: Path, resume: bool) -> list[str]:
     return [sys.executable, "-m", "rmkit", "train", "grft", "--recipe", str(rec)] + (["--resume"] if resume else [])
-
-
-def group_alive(pgid: int) -> list[int]:
-    alive = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            alive.append(int(stat.parent.name))
-    return alive
-
-
-def last_step(run: Path) -> int:
-    best = 0
-    path = run / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            best = max(best, int(json.loads(line).get("step", 0)))
-        except (json.JSONDecodeError, AttributeError, ValueError):
-            pass  # the line the kill cut
-    return best
-
-
-def check(run: Path) -> list[int]:
-    """Listed checkpoints are whole (file table == files on disk); the rest are unlisted and refused."""
-    listed = {d for _, d in list_checkpoints(run)}
-    root = run / "checkpoints"
-    for d in (sorted(root.iterdir()) if root.is_dir() else []) + ([run / "final"] if (run / "final").exists() else []):
-        if d in listed or d.name == "final":
-            files = json.loads((d / META_FILE).read_text())["files"]
-            on_disk = {f.relative_to(d).as_posix(): f.stat().st_size for f in d.rglob("*")
-                       if f.is_file() and f.name != META_FILE}
-            assert not problems(d) and on_disk == files, d
-        else:
-            assert problems(d), d
-            try:
-                read_meta(d)
-            except RmkitError:
-                pass
-            else:
-                raise AssertionError(f"{d} is incomplete but loads")
-    if (run / "final").exists():
-        assert (run / "eval_final.json").exists(), "final/ exists without eval_final.json"
-    return sorted(s for s, _ in list_checkpoints(run))
-
-
-def metrics(run: Path) -> list[dict]:
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    for r in rows:
-        r.pop("seconds", None)
-        r.pop("tokens_per_s", None)
-    return rows
 
 
 def same_as_ref(run: Path, ref: Path) -> bool:
