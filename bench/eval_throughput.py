@@ -19,6 +19,7 @@ Timings on a shared machine are noisy: run it on a quiet one for numbers you rep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from typing import Any
@@ -102,23 +103,22 @@ def rmkit_pass(scorer: Any, records: list[Record], batch_size: int, share: bool,
     score_records(scorer, records[:2], batch_size, prefix_sharing=share)  # warm-up
     module = scorer.model if isinstance(scorer.model, torch.nn.Module) else scorer.model.model
     positions = Positions(module)
-    prof = None
-    if profile:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if scorer.device.type == "cuda" else [])
-        prof = torch_profile(activities=acts)
-        prof.__enter__()
-    t0 = time.perf_counter()
-    encoded, rewards = score_records(scorer, records, batch_size, prefix_sharing=share)
-    if scorer.device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    with profiler(scorer.device) if profile else contextlib.nullcontext() as prof:
+        t0 = time.perf_counter()
+        encoded, rewards = score_records(scorer, records, batch_size, prefix_sharing=share)
+        if scorer.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
     if prof is not None:
-        prof.__exit__(None, None, None)
         print_profile(prof, scorer.device.type)
     positions.handle.remove()
     return seconds, encoded, rewards, positions.count
+
+
+def profiler(device: torch.device) -> Any:
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
 
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",

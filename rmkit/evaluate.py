@@ -196,8 +196,9 @@ def inspect_checkpoint(path: str | Path, max_length: int | None = None) -> Check
     if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()):
         raise RmkitError(f"{folder} has no tokenizer files", hint="save the tokenizer beside the model "
                          "(`tokenizer.save_pretrained(folder)`)")
+    pad = config.get("pad_token_id", (config.get("text_config") or {}).get("pad_token_id"))
     meta = {"architectures": archs, "model_type": config.get("model_type"), "num_labels": 1,
-            "rmkit_pooling": pooling}
+            "rmkit_pooling": pooling, "pad_token_id": pad if isinstance(pad, int) else None}
     # Right padding: every architecture then scores a padded row exactly as the lone text.
     encoding = Encoding("whole-text", max_length, "left", "right", False)
     return Checkpoint(folder, label, "hf", meta, encoding, None)
@@ -330,7 +331,7 @@ def encode_whole_text(record: Record, tokenizer: Any, max_length: int, side: str
         ids, cut = _whole_ids(tokenizer, record.prompt + response, max_length, side)
         if strip_id is not None:
             while len(ids) > 1 and ids[-1] == strip_id:
-                ids = ids[:-1]
+                ids.pop()
         rows.append(ids)
         truncated |= cut
     k = 0
@@ -368,9 +369,10 @@ class _HFReward:
 
 def default_batch_size(device: "torch.device") -> int:
     """Records per forward when --batch-size is not given: 16 on a GPU, where one text leaves the
-    device idle; 1 on a CPU, where one text already keeps the cores multiplying and every padded
-    position is a wasted one (bench/eval_throughput.py on 2 cores: 1.32x the per-text loop at
-    batch 1 against 1.12x at 16, with the padding of 16 costing more than sharing saved)."""
+    device idle; 1 on a CPU, where one text already keeps the cores multiplying, time follows the
+    token positions computed, and every padded position is a wasted one (bench/eval_throughput.py
+    on 64 HH pairs, 2 cores: with the shared prefix, batches of 16 compute 0.99x the per-text
+    loop's positions, batches of 1 0.84x; docs/benchmarks.md)."""
     return DEFAULT_BATCH_SIZE if device.type == "cuda" else 1
 
 
@@ -420,7 +422,7 @@ def _load_scorer(ckpt: Checkpoint, device: "torch.device | None", dtype: "torch.
             model.to(device).eval()
             return Scorer(ckpt, model, tokenizer, int(tokenizer.pad_token_id), device, dtype)
 
-        config_pad = _config_pad_id(ckpt.path)
+        config_pad = ckpt.meta["pad_token_id"]  # HF's pooling skips it
         shared = _load_decoder_reward(ckpt, dtype, trust_remote_code)
         if shared is None:
             from transformers import AutoModelForSequenceClassification
@@ -439,9 +441,7 @@ def _load_scorer(ckpt: Checkpoint, device: "torch.device | None", dtype: "torch.
     pad = int(config_pad if config_pad is not None else (pad if pad is not None else 0))
     if shared is not None:
         shared.to(device).eval()
-        scorer = Scorer(ckpt, shared, tokenizer, pad, device, dtype)
-        scorer.strip_id = config_pad
-        return scorer
+        return Scorer(ckpt, shared, tokenizer, pad, device, dtype, strip_id=config_pad)
     hf.to(device).eval()
     text = hf.config.get_text_config()
     if getattr(text, "pad_token_id", None) is None:
@@ -449,12 +449,6 @@ def _load_scorer(ckpt: Checkpoint, device: "torch.device | None", dtype: "torch.
         text.pad_token_id = pad
         hf.config.pad_token_id = pad
     return Scorer(ckpt, _HFReward(hf), tokenizer, pad, device, dtype)
-
-
-def _config_pad_id(path: Path) -> int | None:
-    config = _read_json(path / "config.json")
-    pad = config.get("pad_token_id", config.get("text_config", {}).get("pad_token_id"))
-    return pad if isinstance(pad, int) else None
 
 
 def _load_decoder_reward(ckpt: Checkpoint, dtype: "torch.dtype", trust_remote_code: bool) -> Any:
