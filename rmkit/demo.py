@@ -75,10 +75,10 @@ def run_demo(out: Path, domain: str = "business", eval_limit: int = 32, extra: l
 def _table(rows: list[dict], domain: str) -> None:
     from rich.table import Table
 
-    t = Table(title=f"rmkit demo: SmolLM2-135M, general = HH helpful test, {domain} = DSP {domain} test")
-    for col in ("stage", "general acc", f"{domain} acc", "length base gen/dom", "loss",
-                "tok/s", "wall s"):
-        t.add_column(col, justify="right" if col != "stage" else "left")
+    # fits 80 columns, the width rich assumes when the output is a log file
+    t = Table(title=f"rmkit demo, SmolLM2-135M: accuracy on general = HH helpful test, {domain} = DSP {domain} test")
+    for col in ("stage", "general", domain, "length baseline", "loss", "tok/s", "wall s"):
+        t.add_column(col, justify="right" if col != "stage" else "left", no_wrap=True)
     for r in rows:
         g, d = r["eval"]["general"], r["eval"][domain]
         t.add_row(r["stage"].upper(), f"{g['accuracy']:.3f}", f"{d['accuracy']:.3f}",
@@ -87,5 +87,6 @@ def _table(rows: list[dict], domain: str) -> None:
     console.print(t)
     console.print("loss: mean of the first three -> last three steps (ranking + weighted imitation; LM loss for BLT). "
                   "BLT trains the language model only, so its row scores with an untrained reward head "
-                  f"(chance level). Accuracies are over {rows[0]['eval']['general']['pairs']} general and "
+                  f"(chance level). length baseline: general/{domain}. Accuracies are over "
+                  f"{rows[0]['eval']['general']['pairs']} general and "
                   f"{rows[0]['eval'][domain]['pairs']} {domain} pairs.")
