@@ -64,10 +64,68 @@ def read_parent_meta(model_path: Path) -> dict[str, Any] | None:
         raise
 
 
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def _reward_head_keys(model_path: Path) -> set[str]:
+    """Tensor names in the folder's safetensors headers (nothing is loaded)."""
+    import struct
+
+    keys: set[str] = set()
+    for f in sorted(model_path.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            keys |= set(json.loads(fh.read(n))) - {"__metadata__"}
+    return keys
+
+
+def external_parent(model_path: Path) -> dict[str, Any]:
+    """Any Hugging Face sequence-classification reward folder (TRL's or OpenRLHF's output, a released
+    RM) as the GRFT stage a CRFT run continues: recorded in the lineage as an external GRFT stage
+    with its path and fingerprint. Anything that is not a reward model is refused, saying what it is
+    (pickled weights were refused before, by `resolve_model`: rmkit loads safetensors only)."""
+    from rmkit.lora import base_fingerprint
+
+    hint = ("train one first with `rmkit train grft` and set model.path to its final/ folder, or give a Hugging "
+            "Face reward folder: <Arch>ForSequenceClassification, num_labels 1, safetensors")
+    where = "model.path"
+    head = f"CRFT must start from a GRFT checkpoint, but {model_path} is no rmkit meta.json"
+    config_file = model_path / "config.json"
+    if not config_file.is_file():
+        raise RmkitError(f"{head} and no model folder (no config.json)", where=where, hint=hint)
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RmkitError(f"{model_path}/config.json is unreadable: {e}", where=where, hint=hint) from None
+    archs = [str(a) for a in (config.get("architectures") or [])]
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        what = ("a causal language model" if any(a.endswith(CAUSAL_SUFFIXES) for a in archs) or not archs
+                else "not a sequence-classification model")
+        raise RmkitError(f"{head} and {what} ({', '.join(archs) or 'no architectures in config.json'}), not a reward "
+                         "model", where=where, hint=hint)
+    labels = len(config["id2label"]) if isinstance(config.get("id2label"), dict) else int(config.get("num_labels", 2))
+    if labels != 1:
+        raise RmkitError(f"{model_path} is a classifier with {labels} labels, not a reward model", where=where,
+                         hint="a reward model has num_labels 1 (one scalar score per text)")
+    keys = _reward_head_keys(model_path)
+    if "score.weight" not in keys:
+        raise RmkitError(f"{model_path} has no `score` head ({archs[0]}): rmkit continues decoder reward models "
+                         "(Llama, Qwen, Mistral, Gemma, ...)", where=where, hint=hint)
+    if "score.bias" in keys:
+        raise RmkitError(f"{model_path} has a score head with a bias; rmkit's head has none", where=where,
+                         hint="continue from a reward model with a bias-free score head (what TRL and OpenRLHF save)")
+    return {"stage": "grft", "external": True, "path": str(model_path.resolve()),
+            "fingerprint": base_fingerprint(model_path), "architectures": archs,
+            "model_type": config.get("model_type")}
+
+
 def check_parent(recipe: Recipe, model_path: Path) -> dict[str, Any] | None:
-    """CRFT must continue from a GRFT checkpoint; the chain is read from the parent's meta.json."""
+    """CRFT must continue from a GRFT checkpoint; the chain is read from the parent's meta.json.
+    A folder without one continues as an external GRFT stage when it is a reward model."""
     meta = read_parent_meta(model_path) if model_path.is_dir() else None
     if recipe.stage == "crft":
+        if meta is None and model_path.is_dir():
+            return external_parent(model_path)
         if meta is None or meta.get("stage") != "grft":
             found = "no rmkit meta.json" if meta is None else f"a '{meta.get('stage')}' checkpoint"
             raise RmkitError(
@@ -217,6 +275,18 @@ def plan_run(recipe: Recipe) -> RunPlan:
     return RunPlan(output_dir(recipe), world, accum, precision, model_path, parent)
 
 
+def _parent_entry(plan: RunPlan) -> dict[str, Any] | None:
+    """The lineage entry of the parent: an rmkit checkpoint's stage, domain and step, or an external
+    reward folder's path, fingerprint and architecture (as the GRFT stage it stands for)."""
+    meta = plan.parent_meta
+    if not meta:
+        return None
+    if meta.get("external"):
+        return {k: meta[k] for k in ("path", "stage", "external", "fingerprint", "architectures", "model_type")}
+    return {"path": str(plan.model_path.resolve()), "stage": meta.get("stage"), "domain": meta.get("domain"),
+            "step": meta.get("step")}
+
+
 def write_run_dir(recipe: Recipe, plan: RunPlan) -> dict[str, Any]:
     """Write recipe, ds_config, data and run.json into the run directory."""
     run = plan.run_dir
@@ -228,9 +298,7 @@ def write_run_dir(recipe: Recipe, plan: RunPlan) -> dict[str, Any]:
     atomic_write_json(run / "ds_config.json", ds_cfg)
     info = {
         "stage": recipe.stage, "domain": recipe.domain, "model_path": str(plan.model_path.resolve()),
-        "parent": ({"path": str(plan.model_path.resolve()), "stage": plan.parent_meta.get("stage"),
-                    "domain": plan.parent_meta.get("domain"), "step": plan.parent_meta.get("step")}
-                   if plan.parent_meta else None),
+        "parent": _parent_entry(plan),
         "world_size": plan.world_size, "grad_accum": plan.grad_accum, "precision": plan.precision,
         "recipe_sha256": sha256_text(recipe_text),
         "data_manifest_sha256": sha256_file(run / "data" / "manifest.json"),
