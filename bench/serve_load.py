@@ -10,7 +10,7 @@ load: a bounded number of concurrent clients on 127.0.0.1 for a fixed time again
 memory: N LoRA domains on one base in one registry against the N merged models loaded side by
   side: bytes of distinct weight storage, and the process's RSS growth, each in a fresh process.
 
-    python bench/serve_load.py load --clients 16 --seconds 20
+    python bench/serve_load.py load --clients 16 --seconds 20 [--threads 1]
     python bench/serve_load.py memory --adapters 4
 
 The model is a random Llama (hidden 256, 4 layers for load; hidden 512, 8 layers for memory)
@@ -180,10 +180,11 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
         del scorer
         out: dict[str, Any] = {"clients": args.clients, "seconds": args.seconds, "responses_per_request": 4,
                                "load_average_at_start": os.getloadavg()[0], "cpus": os.cpu_count(),
+                               "server_threads": args.threads,
                                "model": "random Llama hidden 256, 4 layers", "servers": {}}
         for name, extra in (("rmkit serve", []), ("naive (one forward per request)",
                                                   ["--max-batch-tokens", "1", "--batch-window-ms", "0"])):
-            proc, url = _serve(base, extra + ["--max-pending", str(4 * args.clients)])
+            proc, url = _serve(base, extra + ["--max-pending", str(4 * args.clients), "--threads", str(args.threads)])
             try:
                 _drive(url, min(2, args.clients), 2.0)  # warm-up
                 r = _drive(url, args.clients, args.seconds)
@@ -272,6 +273,7 @@ def main() -> None:
     lp = sub.add_parser("load")
     lp.add_argument("--clients", type=int, default=16)
     lp.add_argument("--seconds", type=float, default=20.0)
+    lp.add_argument("--threads", type=int, default=1, help="the servers' --threads")
     mp = sub.add_parser("memory")
     mp.add_argument("--adapters", type=int, default=4)
     p.add_argument("--json", type=Path, default=None, help="write the figures here")

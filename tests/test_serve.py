@@ -79,6 +79,13 @@ def make_checkpoints(root: Path, tiny_model_dir: Path) -> dict[str, Path]:
                                       "parent": {"path": str(base.resolve()), "stage": "grft"},
                                       **adapter_meta(spec, base, base_fingerprint(base), *count_parameters(m))})
         out[domain] = root / domain
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(5)  # another base, as a plain HF reward folder: served beside, as its own model
+    hf = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
+    hf.save_pretrained(root / "plain")
+    tok.save_pretrained(root / "plain")
+    out["plain"] = root / "plain"
     return out
 
 
@@ -88,8 +95,9 @@ def offline(ckpts: dict[str, Path], domain: str, records: list[Record]) -> list[
     from rmkit.evaluate import Checkpoint, Encoding, Scorer, inspect_checkpoint, load_scorer, score_records
 
     cpu, fp32 = torch.device("cpu"), torch.float32
-    if domain == "default":
-        return score_records(load_scorer(inspect_checkpoint(ckpts["grft"]), cpu, fp32), records)[1]
+    if domain in ("default", "plain"):
+        folder = ckpts["grft" if domain == "default" else "plain"]
+        return score_records(load_scorer(inspect_checkpoint(folder), cpu, fp32), records)[1]
     from transformers import AutoTokenizer
 
     from rmkit.lora import apply_lora, load_adapter_weights, lora_spec_from_config, read_adapter
@@ -164,9 +172,9 @@ class Server:
         return self.proc.returncode, err
 
 
-def domain_args(ckpts: dict[str, Path]) -> list[str]:
+def domain_args(ckpts: dict[str, Path], plain: bool = False) -> list[str]:
     args = [str(ckpts["grft"])]
-    for d in DOMAINS:
+    for d in DOMAINS + (("plain",) if plain else ()):
         args += ["--domain", f"{d}={ckpts[d]}"]
     return args
 
@@ -178,7 +186,7 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dic
 
 @pytest.fixture(scope="module")
 def server(ckpts: dict[str, Path]) -> Iterator[Server]:
-    s = Server(domain_args(ckpts) + ["--max-texts", "8", "--max-text-chars", "2000", "--max-body-bytes", "20000",
+    s = Server(domain_args(ckpts, plain=True) + ["--max-texts", "8", "--max-text-chars", "2000", "--max-body-bytes", "20000",
                                      "--batch-window-ms", "20"], token=TOKEN)
     yield s
     s.stop()
@@ -192,7 +200,7 @@ def _score(server: Server, rec: Record, domain: str | None = None) -> tuple[int,
 
 
 # ---- rewards ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("domain", ["default", *DOMAINS])
+@pytest.mark.parametrize("domain", ["default", *DOMAINS, "plain"])
 def test_rewards_equal_offline_scoring(server: Server, ckpts: dict[str, Path], domain: str) -> None:
     expected = offline(ckpts, domain, RECORDS)
     for rec, want in zip(RECORDS, expected):
@@ -228,7 +236,7 @@ def test_models_lists_each_domain_with_its_lineage(server: Server, ckpts: dict[s
     status, got, _ = server.call("GET", "/v1/models")
     assert status == 200
     models = {m["id"]: m for m in got["data"]}
-    assert list(models) == ["default", *DOMAINS]
+    assert list(models) == ["default", *DOMAINS, "plain"]
     assert models["default"]["stage"] == "grft" and models["default"]["kind"] == "rmkit"
     fp = base_fingerprint(ckpts["grft"])
     for d in DOMAINS:
@@ -237,8 +245,13 @@ def test_models_lists_each_domain_with_its_lineage(server: Server, ckpts: dict[s
         assert m["base"] == {"path": str(ckpts["grft"].resolve()), "fingerprint": fp}
         assert m["model"] == models["default"]["model"]  # one copy of the base
         assert set(m["shares_base_with"]) == {"default", *DOMAINS} - {d}
+    assert models["plain"]["kind"] == "hf" and models["plain"]["model"] != models["default"]["model"]
+    assert models["plain"]["shares_base_with"] == []
     health = server.call("GET", "/health", auth=False)[1]
-    assert health["status"] == "ok" and health["domains"] == ["default", *DOMAINS]
+    assert health["status"] == "ok" and health["domains"] == ["default", *DOMAINS, "plain"]
+    # one copy of the shared base (+ two small adapters and heads) and one of the other model
+    one_model = (ckpts["grft"] / "model.safetensors").stat().st_size
+    assert 1.8 * one_model <= health["weights_bytes"] < 2.3 * one_model, (health["weights_bytes"], one_model)
 
 
 def test_concurrent_mixed_domain_requests_are_batched_and_each_answered_once(server: Server) -> None:
@@ -275,7 +288,7 @@ BAD: dict[str, tuple[str, Any, int, str | None, str]] = {
                                 "2001 characters is over the limit of 2000"),
     "prompt over the limit": ("/v1/score", {"prompt": "p" * 2001, "responses": ["a"]}, 422, "prompt", "over the limit"),
     "unknown domain": ("/v1/score", {"prompt": "p", "responses": ["a"], "domain": "law"}, 422, "domain",
-                       "unknown domain 'law'; served: default, business, literature"),
+                       "unknown domain 'law'; served: default, business, literature, plain"),
     "domain not a string": ("/v1/score", {"prompt": "p", "responses": ["a"], "domain": 1}, 422, "domain",
                             "must be a string"),
     "unknown field": ("/v1/score", {"prompt": "p", "responses": ["a"], "temperature": 1}, 422, "temperature",

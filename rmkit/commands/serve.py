@@ -32,13 +32,15 @@ def serve_command(
     max_text_chars: int = typer.Option(100_000, "--max-text-chars", help="Characters per prompt or response."),
     max_body_bytes: int = typer.Option(4 << 20, "--max-body-bytes", help="Largest request body."),
     drain_s: float = typer.Option(30.0, "--drain-seconds", help="How long SIGTERM / Ctrl-C waits for in-flight requests."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per forward (default: torch's); 1 stops a shared CPU from stalling small forwards."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a folder's own model code."),
 ) -> None:
     from rmkit.errors import RmkitError
 
     for flag, value in (("--port", port), ("--max-pending", max_pending), ("--max-batch-tokens", max_batch_tokens),
                         ("--max-texts", max_texts), ("--max-text-chars", max_text_chars),
-                        ("--max-body-bytes", max_body_bytes), ("--batch-size", batch_size or 1)):
+                        ("--max-body-bytes", max_body_bytes), ("--batch-size", batch_size or 1),
+                        ("--threads", threads or 1)):
         if value < 1:
             raise RmkitError(f"{flag} must be at least 1, got {value}", where=flag)
     if port > 65535:
@@ -55,6 +57,10 @@ def serve_command(
     from rmkit.serve.registry import build_registry, parse_domain_arg
 
     pairs = [parse_domain_arg(d) for d in domain or []]
+    if threads is not None:  # on a CPU shared with other work, 2+ OpenMP threads wait on each other
+        import torch
+
+        torch.set_num_threads(threads)
     registry = build_registry(checkpoint, pairs, trust_remote_code=trust_remote_code)
     cfg = ServeConfig(max_pending=max_pending, window_ms=window_ms, max_batch_tokens=max_batch_tokens,
                       batch_size=batch_size, max_texts=max_texts, max_text_chars=max_text_chars,
