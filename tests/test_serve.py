@@ -374,3 +374,49 @@ def test_sigterm_answers_requests_in_flight_then_exits_cleanly(small: Server) ->
     assert "drained" in err and "Traceback" not in err
     with pytest.raises(OSError):
         small.call("GET", "/health")
+
+
+# ---- Ctrl-C, and mistakes on the command line -------------------------------------------------
+def test_ctrl_c_answers_the_request_in_flight_then_exits(ckpts: dict[str, Path]) -> None:
+    """Exit 0, or 130 where uvicorn re-raises the SIGINT it handled (the CLI's code for Ctrl-C)."""
+    s = Server([str(ckpts["grft"]), "--batch-window-ms", "1500"])
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(_score, s, RECORDS[1])
+        deadline = time.monotonic() + 10
+        while s.call("GET", "/health")[1]["pending"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        s.proc.send_signal(signal.SIGINT)
+        status, got, _ = future.result(timeout=30)
+    assert status == 200 and len(got["rewards"]) == 1
+    code, err = s.stop()
+    assert code in (0, 130) and "drained" in err and "Traceback" not in err, err[-2000:]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "rmkit", "serve", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("case", ["no such folder", "domain without =", "bad domain name", "domain twice",
+                                  "moved base", "port 0"])
+def test_command_line_mistakes_exit_2_before_loading(case: str, ckpts: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    grft, business = str(ckpts["grft"]), str(ckpts["business"])
+    args, message = {
+        "no such folder": ([str(tmp_path / "nope")], "no such checkpoint folder"),
+        "domain without =": ([grft, "--domain", business], "is not NAME=CKPT"),
+        "bad domain name": ([grft, "--domain", f"my.domain={business}"], "must start with a letter"),
+        "domain twice": ([grft, "--domain", f"b={business}", "--domain", f"b={business}"], "domain 'b' is given twice"),
+        "moved base": (None, "does not exist"),
+        "port 0": ([grft, "--port", "0"], "--port must be at least 1"),
+    }[case]
+    if case == "moved base":  # an adapter whose recorded base is gone is refused by name
+        copy = tmp_path / "copy"
+        shutil.copytree(ckpts["grft"], copy / "grft")
+        shutil.copytree(ckpts["business"], copy / "business")
+        meta = json.loads((copy / "business" / "meta.json").read_text())
+        meta["base"]["path"] = str(tmp_path / "gone")
+        (copy / "business" / "meta.json").write_text(json.dumps(meta))
+        args = [str(copy / "grft"), "--domain", f"business={copy / 'business'}"]
+    res = _cli(*args)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
