@@ -3,7 +3,9 @@
 Notation: r = rewards [N]; (b_k, w_k), k = 1..P, the (better, worse) row pairs of a batch.
 
   ranking   = 1/P * sum_k  -log sigmoid(r[b_k] - r[w_k] - margin)      (Bradley-Terry NLL)
-  imitation = lm_loss_sum / lm_tokens                                   (token-mean NLL)
+  imitation = sum_t w_t * NLL_t over the imitation targets, the weights set by the collator:
+              "token"    w_t = 1 / (target tokens of the batch)             (rmkit's token mean)
+              "sequence" w_t = 1 / (|s| * S) for token t of target s, S targets  (the paper's)
   total     = ranking_weight * ranking + imitation_weight * imitation
 """
 
@@ -26,12 +28,12 @@ def ranking_loss(rewards: torch.Tensor, better: torch.Tensor, worse: torch.Tenso
     return -F.logsigmoid(diff).mean()
 
 
-def imitation_loss(lm_loss_sum: torch.Tensor | None, lm_tokens: int) -> torch.Tensor:
-    """Token-mean next-token NLL: lm_loss_sum / lm_tokens (0 when there are no targets;
-    with padding chunks from lm_min_chunks the 0 keeps lm_head in the graph)."""
-    if lm_loss_sum is None:
+def imitation_loss(lm_loss: torch.Tensor | None) -> torch.Tensor:
+    """The model's weighted NLL (`RewardOutput.lm_loss`), 0 when there are no targets (with
+    padding chunks from lm_min_chunks the 0 keeps lm_head in the graph)."""
+    if lm_loss is None:
         return torch.zeros(())
-    return lm_loss_sum / max(int(lm_tokens), 1)
+    return lm_loss
 
 
 def pair_accuracy(rewards: torch.Tensor, better: torch.Tensor, worse: torch.Tensor) -> tuple[int, int]:

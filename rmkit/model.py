@@ -35,18 +35,18 @@ from rmkit.errors import RmkitError
 from rmkit.io import atomic_file, atomic_write_json, atomic_write_text
 
 POOLINGS = ("last", "eos", "mean", "max")
-IGNORE_INDEX = -100
 LM_HEAD_FILE = "lm_head.safetensors"  # an untied LM head beside a reward folder's weights
 MAX_SHARD_SIZE = "2GB"
 
 
 @dataclass
 class RewardOutput:
-    """rewards: [N] float32. lm_loss_sum: summed next-token NLL over the imitation targets
-    (None when no targets were given); lm_tokens: how many targets it sums over."""
+    """rewards: [R] float32. lm_loss: sum(lm_weight * next-token NLL) over the imitation
+    targets, i.e. the imitation loss itself (the batch's weights carry its reduction; None when
+    no targets were given); lm_tokens: how many targets it runs over."""
 
     rewards: torch.Tensor
-    lm_loss_sum: torch.Tensor | None
+    lm_loss: torch.Tensor | None
     lm_tokens: int
 
 
@@ -193,16 +193,17 @@ class RewardModel(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None, lm_labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, lm_index: torch.Tensor | None = None,
+                lm_token: torch.Tensor | None = None, lm_weight: torch.Tensor | None = None,
                 lm_chunk_size: int = 1024, lm_min_chunks: int = 0, segment_ids: torch.Tensor | None = None,
                 response_end: torch.Tensor | None = None, record_index: torch.Tensor | None = None) -> RewardOutput:
-        """Rewards for every response, plus the imitation NLL sum when lm_labels has targets.
+        """Rewards for every response, plus the weighted imitation NLL when targets are given.
 
-        Unshared layout (one row per response): lm_labels[i, t] is the token expected at
-        position t (-100 = none); the hidden state at t-1 predicts it. Packed layout (rows from
-        `collate_packed`: segment_ids, response_end and record_index given, position_ids
-        required): prompts are shared, the attention mask is built from segment_ids, rewards
-        are read per response, and lm_labels[i, t] is the token position t predicts (shifted).
+        Imitation targets (`Batch`): the hidden state at lm_index[k] = (row, position) must
+        predict lm_token[k], weighted by lm_weight[k]; the same in both layouts. Packed layout
+        (rows from `collate_packed`: segment_ids, response_end and record_index given,
+        position_ids required): prompts are shared, the attention mask is built from
+        segment_ids, and rewards are read per response.
         lm_min_chunks: under ZeRO-3 pass the largest chunk count over ranks (all_reduce MAX of
         ceil(targets / lm_chunk_size)), so every rank calls lm_head equally often (its weight
         is gathered collectively) and every rank gives it a gradient; the padding chunks add
@@ -216,7 +217,6 @@ class RewardModel(nn.Module):
                                   use_cache=False)
             hidden = out[0]
             pooled = self._pool_packed(hidden, segment_ids, response_end, record_index)
-            shifted = True
         else:
             if position_ids is None:
                 position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -224,10 +224,9 @@ class RewardModel(nn.Module):
                                   position_ids=position_ids, use_cache=False)
             hidden = out[0]
             pooled = self._pool(hidden, attention_mask)
-            shifted = False
         rewards = self.score(pooled).squeeze(-1).float()
-        lm_loss_sum, lm_tokens = self._lm_loss(hidden, lm_labels, lm_chunk_size, lm_min_chunks, shifted)
-        return RewardOutput(rewards, lm_loss_sum, lm_tokens)
+        lm_loss, lm_tokens = self._lm_loss(hidden, lm_index, lm_token, lm_weight, lm_chunk_size, lm_min_chunks)
+        return RewardOutput(rewards, lm_loss, lm_tokens)
 
     @property
     def attention_scale(self) -> float:
@@ -309,32 +308,30 @@ class RewardModel(nn.Module):
         top = start.scatter_reduce(0, bucket[:, None].expand(-1, h), flat, "amax", include_self=True)
         return torch.maximum(top[own], top[prompt])
 
-    def _lm_loss(self, hidden: torch.Tensor, lm_labels: torch.Tensor | None, chunk: int,
-                 min_chunks: int, shifted: bool = False) -> tuple[torch.Tensor | None, int]:
-        if lm_labels is None:
+    def _lm_loss(self, hidden: torch.Tensor, index: torch.Tensor | None, token: torch.Tensor | None,
+                 weight: torch.Tensor | None, chunk: int, min_chunks: int) -> tuple[torch.Tensor | None, int]:
+        if index is None or token is None or weight is None:
             return None, 0
         if chunk < 1:
             raise ValueError(f"lm_chunk_size must be >= 1, got {chunk}")
-        targets = lm_labels if shifted else lm_labels[:, 1:]
-        source = hidden if shifted else hidden[:, :-1]
-        selected = targets != IGNORE_INDEX
-        n = int(selected.sum())
+        n = int(token.shape[0])
         if n == 0 and min_chunks <= 0:
             return None, 0
-        h = source[selected]  # [n, H]: only the positions that predict a target
-        y = targets[selected]
+        h = hidden[index[:, 0], index[:, 1]]  # [n, H]: only the positions that predict a target
+        w = weight.to(hidden.device, torch.float32)
         total = hidden.new_zeros((), dtype=torch.float32)
         n_chunks = 0
         for start in range(0, n, chunk):
-            total = total + checkpoint(self._ce_sum, h[start:start + chunk], y[start:start + chunk],
-                                       use_reentrant=False)
+            part = slice(start, start + chunk)
+            total = total + checkpoint(self._ce_sum, h[part], token[part], w[part], use_reentrant=False)
             n_chunks += 1
         for _ in range(n_chunks, min_chunks):  # keep lm_head calls equal across ranks
             dummy = hidden.new_zeros((1, hidden.shape[-1]))
-            total = total + 0.0 * checkpoint(self._ce_sum, dummy, y.new_zeros((1,)), use_reentrant=False)
+            total = total + 0.0 * checkpoint(self._ce_sum, dummy, token.new_zeros((1,)), w.new_zeros((1,)),
+                                             use_reentrant=False)
         return total, n
 
-    def _ce_sum(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _ce_sum(self, h: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(h)  # the module, so ZeRO-3 hooks gather its weight
         if self._logit_scale is not None:
             logits = logits * self._logit_scale
@@ -343,7 +340,7 @@ class RewardModel(nn.Module):
         logits = logits.float()
         if self._softcap is not None:
             logits = torch.tanh(logits / self._softcap) * self._softcap
-        return F.cross_entropy(logits, y, reduction="sum")
+        return (F.cross_entropy(logits, y, reduction="none") * w).sum()
 
     # ---- saving --------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str | Path, kind: str = "reward", tokenizer: Any = None,

@@ -86,6 +86,10 @@ class LossSpec(_Strict):
     margin: float = 0.0
     imitation_weight: float = Field(0.0, ge=0)
     imitation_target: Literal["response", "whole"] = "response"
+    # "token": mean NLL over every target token of a micro-batch, on a unique top response;
+    # "sequence": the paper's (Linear95/DSP): each target's mean NLL, averaged over targets,
+    # every response within 0.85 of the top score trained (so tied top responses all are).
+    imitation_reduction: Literal["token", "sequence"] = "token"
     score_threshold: float = Field(0.0, ge=0)
     lm_chunk_size: int = Field(1024, gt=0)
 
@@ -164,10 +168,11 @@ class Recipe(_Strict):
             )
         return self.train.global_batch // per_step
 
-    def precision(self, on_gpu: bool) -> str:
-        if self.launch.precision != "auto":
-            return self.launch.precision
-        return "bf16" if on_gpu else "fp32"  # bf16 is ~3x slower than fp32 on CPUs without AMX
+    def precision(self, on_gpu: bool) -> tuple[str, str]:
+        """(precision, why): launch.precision, or what `auto` picks for this machine."""
+        from rmkit.hardware import resolve_precision
+
+        return resolve_precision(self.launch.precision, on_gpu)
 
 
 # ---- loading, overrides, validation --------------------------------------------------------

@@ -80,26 +80,44 @@ def tally(result: SetResult, enc: EncodedRecord, rewards: list[float], char_leng
             result.groups_top2_correct += int(rewards[top[0]] > rewards[top[1]])
 
 
+MAX_UNIT = 16  # records per prompt unit: whole-text encodings of unrelated texts may share only a BOS
+
+
+def prompt_units(encoded: list[EncodedRecord], max_unit: int = MAX_UNIT) -> list[list[int]]:
+    """Record indices grouped by identical prompt ids (first appearance order), at most
+    `max_unit` records each: the unit a scoring batch never splits, so each distinct response
+    of a prompt is computed once."""
+    units: dict[tuple[int, ...], list[int]] = {}
+    for i, enc in enumerate(encoded):
+        units.setdefault(tuple(enc.prompt_ids), []).append(i)
+    return [u[k:k + max_unit] for u in units.values() for k in range(0, len(u), max_unit)]
+
+
 @torch.no_grad()
 def score_shard(model: torch.nn.Module, encoded: list[EncodedRecord], batch_size: int, pad_id: int,
                 padding_side: str, rank: int, world: int, device: torch.device,
                 progress: Callable[[int], None] | None = None,
                 prefix_sharing: bool = True) -> list[tuple[int, list[float]]]:
-    """Score this rank's share of records; returns (record index, rewards). Every rank makes the
-    same number of forward calls (short ranks repeat a batch and drop its output). Rewards stay
-    on the device until one transfer at the end; `progress(n)` is told after each batch of n
-    records. With `prefix_sharing` a batch whose records cost less packed ([prompt][resp_1]...,
-    one row per record) is scored that way; rewards are the same either way. Batches are
-    grouped by the length of the row that costs: the packed row, or the longest response row."""
-    if prefix_sharing:
-        def length(i: int) -> int:
-            return len(encoded[i].prompt_ids) + sum(len(r) for r in encoded[i].response_ids)
-    else:
-        def length(i: int) -> int:
-            return encoded[i].max_length()
+    """Score this rank's share of records; returns (record index, rewards). Records sharing a
+    prompt are scored together, each distinct response once (`collate` groups them), and a
+    batch holds `batch_size` such prompt units. Every rank makes the same number of forward
+    calls (short ranks repeat a batch and drop its output). Rewards stay on the device until
+    one transfer at the end; `progress(n)` is told after each batch of n records. With
+    `prefix_sharing` a batch that costs less packed ([prompt][resp_1]..., one block per
+    prompt) is scored that way; rewards are the same either way. Batches are grouped by the
+    length of the row that costs: the packed block, or the longest response row."""
+    units = prompt_units(encoded)
+
+    def length(unit: list[int]) -> int:
+        if prefix_sharing:
+            distinct = {tuple(r) for i in unit for r in encoded[i].response_ids}
+            return len(encoded[unit[0]].prompt_ids) + sum(len(r) for r in distinct)
+        return max(encoded[i].max_length() for i in unit)
+
     scale = float(getattr(getattr(model, "module", model), "attention_scale", 4096.0))
-    order = sorted(range(len(encoded)), key=lambda i: (-length(i), i))
-    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    cost = [length(u) for u in units]
+    order = sorted(range(len(units)), key=lambda u: (-cost[u], u))
+    batches = [[i for u in order[k:k + batch_size] for i in units[u]] for k in range(0, len(order), batch_size)]
     mine = batches[rank::world]
     n_calls = (len(batches) + world - 1) // world
     kept: list[torch.Tensor] = []
@@ -111,7 +129,7 @@ def score_shard(model: torch.nn.Module, encoded: list[EncodedRecord], batch_size
         res = model(**batch.model_inputs(device))
         if c >= len(mine):
             continue
-        kept.append(res.rewards.detach().float())
+        kept.append(res.rewards.detach().float()[batch.reward_of.to(res.rewards.device)])
         if progress is not None:
             progress(len(ids))
     rewards = torch.cat(kept).cpu().tolist() if kept else []

@@ -37,12 +37,15 @@ def test_collate_exact_right_padding() -> None:
     assert b.input_ids.tolist() == [[5, 6, 7, 0], [5, 6, 8, 9], [5, 3, 0, 0], [5, 4, 4, 0], [5, 2, 0, 0]]
     assert b.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0]]
     assert b.position_ids.tolist() == [[0, 1, 2, 2], [0, 1, 2, 3], [0, 1, 1, 1], [0, 1, 2, 2], [0, 1, 1, 1]]
-    assert b.record_index.tolist() == [0, 0, 1, 1, 1]
-    assert b.scores.tolist() == [1.0, 0.0, 2.0, 1.0, 1.0] and b.scores.dtype == torch.float32
+    assert b.record_index.tolist() == [0, 0, 1, 1, 1] and b.reward_of.tolist() == [0, 1, 2, 3, 4]
     assert b.better.tolist() == [0, 2, 2] and b.worse.tolist() == [1, 3, 4]
-    assert b.lm_labels.tolist() == [[X, X, 7, X], [X] * 4, [X, 3, X, X], [X] * 4, [X] * 4]
-    assert (b.n_tokens, b.n_truncated, b.n_rows) == (14, 0, 5)
-    for t in (b.input_ids, b.attention_mask, b.position_ids, b.lm_labels, b.better, b.worse, b.record_index):
+    # position 1 of row 0 predicts 7; position 0 of row 2 predicts 3; token mean: 1/2 each
+    assert b.lm_index.tolist() == [[0, 1], [2, 0]] and b.lm_token.tolist() == [7, 3]
+    assert b.lm_weight.tolist() == [0.5, 0.5] and b.lm_weight.dtype == torch.float32
+    assert b.lm_grid().tolist() == [[X, 7, X, X], [X] * 4, [3, X, X, X], [X] * 4, [X] * 4]
+    assert (b.n_tokens, b.n_truncated, b.n_rows, b.n_lm_targets) == (14, 0, 5, 2)
+    for t in (b.input_ids, b.attention_mask, b.position_ids, b.lm_index, b.lm_token, b.better, b.worse,
+              b.record_index, b.reward_of):
         assert t.dtype == torch.long
 
 
@@ -52,19 +55,20 @@ def test_collate_exact_left_padding_whole_target() -> None:
     assert b.attention_mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 1, 1]]
     assert b.position_ids.tolist() == [[0, 0, 1, 2], [0, 1, 2, 3], [0, 0, 0, 1], [0, 0, 1, 2], [0, 0, 0, 1]]
     # the row's first token (5) is never a target: under left padding a pad would predict it
-    assert b.lm_labels.tolist() == [[X, X, 6, 7], [X] * 4, [X, X, X, 3], [X] * 4, [X] * 4]
+    assert b.lm_grid().tolist() == [[X, 6, 7, X], [X] * 4, [X, X, 3, X], [X] * 4, [X] * 4]
+    assert torch.equal(b.lm_weight, torch.full((3,), 1 / 3))  # 3 target tokens: 6, 7 of record 0 and 3
     # the same attended positions as right padding
     r = collate(example(), pad_id=0, padding_side="right")
     assert b.position_ids[b.attention_mask.bool()].tolist() == r.position_ids[r.attention_mask.bool()].tolist()
 
 
 def test_collate_no_target_and_preferred_rows() -> None:
-    assert (collate(example(), 0).lm_labels == X).all()
-    recs = example() + [EncodedRecord([5], [[6], [7, 7, 7]], (1.0, 1.0))]  # tied at the top: dropped
+    assert collate(example(), 0).n_lm_targets == 0
+    recs = example() + [EncodedRecord([4], [[6], [7, 7, 7]], (1.0, 1.0))]  # tied at the top: dropped
     b = collate(recs, pad_id=0, lm_target="response", rows="preferred")
     assert b.input_ids.tolist() == [[5, 6, 7], [5, 3, 0]]
-    assert b.lm_labels.tolist() == [[X, X, 7], [X, 3, X]]
-    assert b.record_index.tolist() == [0, 1] and b.scores.tolist() == [1.0, 2.0]
+    assert b.lm_grid().tolist() == [[X, 7, X], [3, X, X]]
+    assert b.record_index.tolist() == [0, 1]
     assert b.better.numel() == 0 and b.worse.numel() == 0
     empty = collate([recs[-1]], pad_id=0, rows="preferred")
     assert empty.input_ids.shape == (0, 0) and empty.n_tokens == 0
@@ -120,7 +124,7 @@ def test_encode_with_real_tokenizer(tiny_tokenizer, tiny_records) -> None:
     # pairs: record 0 (0>1), record 1 (0>1, 0>2; 1 and 2 tie), record 2 (0>2, 1>2; top tie)
     assert list(zip(b.better.tolist(), b.worse.tolist())) == [(0, 1), (2, 3), (2, 4), (5, 7), (6, 7)]
     # targets only on preferred rows of records 0 and 1 (record 2 has no unique best)
-    assert sorted(set(torch.nonzero(b.lm_labels != X)[:, 0].tolist())) == [0, 2]
+    assert sorted(set(b.lm_index[:, 0].tolist())) == [0, 2]
     short = [encode_record(r, tok, max_length=8) for r in tiny_records]
     assert collate(short, tok.pad_token_id).n_truncated == 3
     assert max(max(e.row_lengths()) for e in short) == 8

@@ -22,8 +22,9 @@ def batch(records, tok, padding_side="right", lm_target="none", append_eos=False
     return collate(enc, tok.pad_token_id, padding_side=padding_side, lm_target=lm_target)
 
 
-def run(model, b, **kw):
-    return model(b.input_ids, b.attention_mask, b.position_ids, **kw)
+def run(model, b, with_lm=False, **kw):
+    lm = dict(lm_index=b.lm_index, lm_token=b.lm_token, lm_weight=b.lm_weight) if with_lm else {}
+    return model(b.input_ids, b.attention_mask, b.position_ids, **lm, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +78,14 @@ def test_eos_pooling_reads_the_eos_position(model, tiny_tokenizer, tiny_records)
 
 
 def naive_lm_loss(tiny_model_dir, b):
-    """Full logits from the plain causal LM, shifted cross-entropy summed over targets."""
+    """Full logits from the plain causal LM, cross-entropy averaged over every target token
+    (position t predicting lm_grid()[t])."""
     from transformers import AutoModelForCausalLM
 
     causal = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), local_files_only=True)
     logits = causal(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b.lm_labels[:, 1:].reshape(-1),
-                           ignore_index=-100, reduction="sum")
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b.lm_grid().reshape(-1),
+                           ignore_index=-100, reduction="mean")
     return causal, loss
 
 
@@ -91,22 +93,22 @@ def naive_lm_loss(tiny_model_dir, b):
 @pytest.mark.parametrize("lm_target", ["response", "whole"])
 def test_imitation_matches_naive_cross_entropy(tiny_model_dir, tiny_tokenizer, tiny_records, chunk, lm_target) -> None:
     b = batch(tiny_records, tiny_tokenizer, "left", lm_target=lm_target)
-    n_targets = int((b.lm_labels[:, 1:] != -100).sum())
+    n_targets = int((b.lm_grid() != -100).sum())
     causal, expected = naive_lm_loss(tiny_model_dir, b)
     expected.backward()
 
     rm = RewardModel.from_pretrained(tiny_model_dir)
-    out = run(rm, b, lm_labels=b.lm_labels, lm_chunk_size=chunk)
+    out = run(rm, b, with_lm=True, lm_chunk_size=chunk)
     assert out.lm_tokens == n_targets > 0
-    assert_close(out.lm_loss_sum, expected, atol=1e-4, rtol=1e-5)
-    out.lm_loss_sum.backward()
+    assert_close(out.lm_loss, expected, atol=1e-5, rtol=1e-5)
+    out.lm_loss.backward()
     grads = {f"base_model.{k[len('model.'):]}": p.grad for k, p in causal.named_parameters() if k.startswith("model.")}
     for name, p in rm.named_parameters():
         if name == "score.weight":
             assert p.grad is None  # the LM loss does not touch the reward head
         else:
             assert_close(p.grad, grads[name], atol=1e-5, rtol=1e-4, msg=name)
-    assert_close(imitation_loss(out.lm_loss_sum, out.lm_tokens), expected / n_targets, atol=1e-5, rtol=1e-5)
+    assert imitation_loss(out.lm_loss) is out.lm_loss
 
 
 def count_lm_head_calls(model: RewardModel) -> list[int]:
@@ -120,17 +122,17 @@ def test_no_vocabulary_logits_without_targets(tiny_model_dir, tiny_tokenizer, ti
     calls = count_lm_head_calls(rm)
     b = batch(tiny_records, tiny_tokenizer, lm_target="none")
     out = run(rm, b)
-    assert (out.lm_loss_sum, out.lm_tokens, calls[0]) == (None, 0, 0)
-    out = run(rm, b, lm_labels=b.lm_labels)  # labels given but all -100
-    assert (out.lm_loss_sum, out.lm_tokens, calls[0]) == (None, 0, 0)
+    assert (out.lm_loss, out.lm_tokens, calls[0]) == (None, 0, 0)
+    out = run(rm, b, with_lm=True)  # targets given but none there
+    assert b.n_lm_targets == 0 and (out.lm_loss, out.lm_tokens, calls[0]) == (None, 0, 0)
     out.rewards.sum().backward()
     assert calls[0] == 0
 
     b = batch(tiny_records, tiny_tokenizer, lm_target="response")
-    out = run(rm, b, lm_labels=b.lm_labels, lm_chunk_size=3)
+    out = run(rm, b, with_lm=True, lm_chunk_size=3)
     chunks = -(-out.lm_tokens // 3)
     assert calls[0] == chunks  # one lm_head call per chunk in forward ...
-    out.lm_loss_sum.backward()
+    out.lm_loss.backward()
     assert calls[0] == 2 * chunks  # ... and one recompute per chunk in backward (checkpointed)
 
 
@@ -138,9 +140,9 @@ def test_min_chunks_pad_lm_head_calls_with_zero(tiny_model_dir, tiny_tokenizer, 
     rm = RewardModel.from_pretrained(tiny_model_dir)
     calls = count_lm_head_calls(rm)
     b = batch(tiny_records, tiny_tokenizer, lm_target="none")
-    out = run(rm, b, lm_labels=b.lm_labels, lm_min_chunks=2)
-    assert calls[0] == 2 and out.lm_tokens == 0 and out.lm_loss_sum.item() == 0.0
-    out.lm_loss_sum.backward()
+    out = run(rm, b, with_lm=True, lm_min_chunks=2)
+    assert calls[0] == 2 and out.lm_tokens == 0 and out.lm_loss.item() == 0.0
+    out.lm_loss.backward()
     assert rm.lm_head.weight.grad is not None and (rm.lm_head.weight.grad == 0).all()
 
 
@@ -206,8 +208,9 @@ def test_untied_head_round_trip(tiny_model_dir, tiny_tokenizer, tiny_records, tm
     assert torch.equal(back.lm_head.weight, rm.lm_head.weight)
     b = batch(tiny_records, tiny_tokenizer, lm_target="whole")
     with torch.no_grad():
-        a, c = run(rm, b, lm_labels=b.lm_labels), run(back, b, lm_labels=b.lm_labels)
-    assert_close(c.rewards, a.rewards) and assert_close(c.lm_loss_sum, a.lm_loss_sum)
+        a, c = run(rm, b, with_lm=True), run(back, b, with_lm=True)
+    assert_close(c.rewards, a.rewards)
+    assert_close(c.lm_loss, a.lm_loss)
 
 
 def test_causal_save_loads_as_causal_lm(tiny_model_dir, tiny_tokenizer, tmp_path) -> None:
@@ -237,8 +240,8 @@ def test_one_step_changes_parameters(tiny_model_dir, tiny_tokenizer, tiny_record
     before = {n: p.detach().clone() for n, p in rm.named_parameters()}
     opt = torch.optim.AdamW(rm.parameters(), lr=1e-2)
     b = batch(tiny_records, tiny_tokenizer, lm_target="whole")
-    out = run(rm, b, lm_labels=b.lm_labels, lm_chunk_size=4)
-    loss = combine(ranking_loss(out.rewards, b.better, b.worse), imitation_loss(out.lm_loss_sum, out.lm_tokens),
+    out = run(rm, b, with_lm=True, lm_chunk_size=4)
+    loss = combine(ranking_loss(out.rewards, b.better, b.worse), imitation_loss(out.lm_loss),
                    1.0, 0.5)
     assert torch.isfinite(loss)
     loss.backward()

@@ -76,7 +76,9 @@ def test_smollm2_converts_once_and_loads(monkeypatch) -> None:
     assert rm.tied and rm.config.pad_token_id == 0 and rm.config.num_hidden_layers == 30
     ids = torch.tensor([tok("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!")["input_ids"]])
     with torch.no_grad():
-        out = rm(ids, torch.ones_like(ids), lm_labels=ids)
+        n = ids.shape[1] - 1  # every position but the last predicts the next token
+        out = rm(ids, torch.ones_like(ids), lm_index=torch.stack([torch.zeros(n, dtype=torch.long), torch.arange(n)], 1),
+                 lm_token=ids[0, 1:], lm_weight=torch.full((n,), 1 / n))
     assert torch.isfinite(out.rewards).all()
     # a dequantized (not random) model: next-token NLL on chat text is far below log(vocab) = 10.8
-    assert out.lm_loss_sum.item() / out.lm_tokens < 6.0
+    assert out.lm_loss.item() < 6.0

@@ -37,9 +37,9 @@ def test_packed_layout_exact_right_padding() -> None:
     # positions restart after the prompt for every response
     assert b.position_ids.tolist() == [[0, 1, 2, 2, 3], [0, 1, 1, 2, 1]]
     # shifted targets: the prompt's last position predicts the preferred response's first token
-    assert b.lm_labels.tolist() == [[X, 7, X, X, X], [3, X, X, X, X]]
+    assert b.lm_grid().tolist() == [[X, 7, X, X, X], [3, X, X, X, X]]
     assert b.response_end.tolist() == [[0, 2], [0, 4], [1, 1], [1, 3], [1, 4]]
-    assert b.record_index.tolist() == [0, 0, 1, 1, 1] and b.scores.tolist() == [1.0, 0.0, 2.0, 1.0, 1.0]
+    assert b.record_index.tolist() == [0, 0, 1, 1, 1]
     assert b.better.tolist() == [0, 2, 2] and b.worse.tolist() == [1, 3, 4]  # same as the unshared rows
     assert (b.n_tokens, b.n_truncated, b.n_lm_targets) == (10, 0, 2)
     assert collate(example(), 0, lm_target="response").n_tokens == 14  # 4 prompt tokens saved
@@ -53,7 +53,7 @@ def test_packed_layout_exact_left_padding_whole_target() -> None:
     assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 3], [0, 0, 0, 0, 1, 1]]
     # record 0 prefers response 1 ([1]): prompt targets 6, 7 then 1 from the prompt's end;
     # record 1 ties at the top: no targets at all
-    assert b.lm_labels.tolist() == [[6, 7, 1, X, X, X], [X] * 6]
+    assert b.lm_grid().tolist() == [[6, 7, 1, X, X, X], [X] * 6]
     assert b.response_end.tolist() == [[0, 4], [0, 5], [1, 4], [1, 5]]
     assert b.better.tolist() == [1] and b.worse.tolist() == [0]
     unshared = collate(recs, 0, "left", "whole")
@@ -81,7 +81,7 @@ def test_short_records_share_a_row() -> None:
     assert b.input_ids.tolist() == [[5, 6, 7, 8, 9, 1], [5, 3, 4, 6, 7, 8]]
     assert b.segment_ids.tolist() == [[-3, -3, -3, 2, 2, 3], [-2, 0, 1, -4, 4, 5]]
     assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 1, 0, 1, 1]]
-    assert b.lm_labels.tolist() == [[X, X, 1, X, X, X], [3, X, X, 8, X, X]]
+    assert b.lm_grid().tolist() == [[X, X, 1, X, X, X], [3, X, X, 8, X, X]]
     assert b.response_end.tolist() == [[1, 1], [1, 2], [0, 4], [0, 5], [1, 4], [1, 5]]
     assert b.record_index.tolist() == [0, 0, 1, 1, 2, 2]
     assert list(zip(b.better.tolist(), b.worse.tolist())) == [(0, 1), (3, 2), (5, 4)]
@@ -99,7 +99,7 @@ def test_packing_pays_cost_model() -> None:
     long_prompt = [EncodedRecord([1] * 90, [[2] * 10, [3] * 10], (1.0, 0.0))]
     # packed 1 x 110 * (1 + 110/100) = 231  <  unshared 2 x 100 * (1 + 100/100) = 400
     assert packing_pays(long_prompt, attention_scale=100.0)
-    long_responses = [EncodedRecord([1] * 4, [[2] * 100] * 5, (1.0, 0, 0, 0, 0))]
+    long_responses = [EncodedRecord([1] * 4, [[k] * 100 for k in range(2, 7)], (1.0, 0, 0, 0, 0))]
     # packed 504 * (1 + 504/100) = 3044  >  unshared 5 x 104 * (1 + 104/100) = 1061
     assert not packing_pays(long_responses, attention_scale=100.0)
     # with negligible attention cost packing never adds tokens: 504 < 520
@@ -240,16 +240,16 @@ def test_packed_imitation_equals_unshared(tiny_model_dir, tiny_tokenizer, lm_tar
         rm = RewardModel.from_pretrained(tiny_model_dir)
         calls = count_lm_head_calls(rm)
         b = collate(encs, tiny_tokenizer.pad_token_id, "left", lm_target, pack=pack)
-        out = rm(**b.model_inputs(), lm_labels=b.lm_labels, lm_chunk_size=chunk)
+        out = rm(**b.model_inputs(with_lm=True), lm_chunk_size=chunk)
         assert out.lm_tokens == b.n_lm_targets
         assert calls[0] == -(-out.lm_tokens // chunk)  # lm_head only on target positions, in chunks
-        out.lm_loss_sum.backward()
+        out.lm_loss.backward()
         results.append(out)
         grads.append({n: p.grad.clone() for n, p in rm.named_parameters() if p.grad is not None})
     plain, packed = results
     # record 2 prefers response 0 (7 targets with whole: prompt tokens too); record 1 response 0
     assert packed.lm_tokens == plain.lm_tokens > 0
-    assert_close(packed.lm_loss_sum, plain.lm_loss_sum, atol=1e-4, rtol=1e-5)
+    assert_close(packed.lm_loss, plain.lm_loss, atol=1e-4, rtol=1e-5)
     assert grads[0].keys() == grads[1].keys() and "score.weight" not in grads[0]
     for name in grads[0]:
         assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4, msg=name)
@@ -290,7 +290,9 @@ def test_train_step_loss_and_gradients_match(tiny_model_dir, tiny_tokenizer, imi
 
 
 def test_score_shard_same_results_and_forward_calls(model, tiny_tokenizer) -> None:
-    encs = encoded(tiny_tokenizer) * 3  # 9 records
+    # 9 records with 9 distinct prompts (records sharing a prompt would be scored as one unit)
+    encs = [EncodedRecord(e.prompt_ids[:1] + [20 + k] + e.prompt_ids[1:], e.response_ids, e.scores)
+            for k in range(3) for e in encoded(tiny_tokenizer)]
     calls = []
     hook = model.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs.get("segment_ids") is not None),
                                        with_kwargs=True)

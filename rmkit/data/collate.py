@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from rmkit.data.records import Record
+from rmkit.data.records import Record, preferred_index, strict_pairs
 from rmkit.errors import RmkitError
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips
@@ -24,6 +24,8 @@ TRUNCATION_SIDES = ("left", "right")
 PADDING_SIDES = ("left", "right")
 LM_TARGETS = ("none", "response", "whole")
 ROW_MODES = ("all", "preferred")
+IMITATION_REDUCTIONS = ("token", "sequence")
+PAPER_TARGET_RATIO = 0.85  # Linear95/DSP arguments.py lm_score_thresh
 
 
 @dataclass
@@ -44,31 +46,55 @@ class EncodedRecord:
 
     def preferred(self) -> int | None:
         """Index of the unique top-scored response, None when the top score is shared."""
-        return _preferred(self.scores)
+        return preferred_index(self.scores)
+
+
+@dataclass
+class Group:
+    """The records of a batch that share one prompt, each distinct response once.
+
+    pairs: one (better, worse) index into `responses` per strict pair of every member record
+    (a pair that two records both hold counts twice, as it does record by record); targets:
+    per response, how many member records train it with the imitation loss.
+    """
+
+    prompt_ids: list[int]
+    responses: list[list[int]]
+    pairs: list[tuple[int, int]]
+    targets: list[int]
+    truncated: int  # member records that lost tokens to max_length
 
 
 @dataclass
 class Batch:
-    """Tensors for one micro-batch; rows = every kept response, record by record.
+    """Tensors for one micro-batch. The reward vector [R] holds each distinct response of each
+    group (records sharing a prompt) once, group by group.
 
-    input_ids, attention_mask, position_ids, lm_labels: [N, L] long; record_index: [N] long;
-    scores: [N] float32; better, worse: [P] long row indices (row better[k] beats worse[k]).
-    Packed (`collate_packed`): N = records, and record_index, scores, better, worse index the
-    R responses (the reward vector) in the same order as the unshared rows.
+    Row layout (one row per distinct response): input_ids, attention_mask, position_ids [R, L].
+    Packed layout (`collate_packed`): rows hold whole groups [prompt][resp_1][resp_2]...;
+    segment_ids and response_end say where each response is.
+    record_index [R]: the group of each reward; better, worse [P]: reward indices, better[k]
+    beats worse[k]; reward_of [sum of the records' responses]: for each input record's
+    responses in order, its index in the reward vector (so per-record rewards are
+    rewards[reward_of]). Imitation targets, the same in both layouts: lm_index [T, 2] (row,
+    position of the hidden state that predicts), lm_token [T] (the token it must predict),
+    lm_weight [T] float32 (the loss is sum(lm_weight * NLL); weights carry the reduction).
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     record_index: torch.Tensor
-    scores: torch.Tensor
     better: torch.Tensor
     worse: torch.Tensor
-    lm_labels: torch.Tensor
+    reward_of: torch.Tensor
+    lm_index: torch.Tensor
+    lm_token: torch.Tensor
+    lm_weight: torch.Tensor
     n_tokens: int  # attended tokens
     n_truncated: int  # records in this batch that lost tokens to max_length
     # Packed layout only (see `collate(pack=True)`); None in the one-row-per-response layout.
-    segment_ids: torch.Tensor | None = None  # [B, L] long: r response r, -2 - i record i's prompt, -1 pad
+    segment_ids: torch.Tensor | None = None  # [B, L] long: r response r, -2 - g group g's prompt, -1 pad
     response_end: torch.Tensor | None = None  # [R, 2] long: (row, position read for response r)
 
     @property
@@ -77,25 +103,35 @@ class Batch:
 
     @property
     def packed(self) -> bool:
-        """Whether rows hold whole records ([prompt][resp_1][resp_2]...), each sharing its prompt."""
+        """Whether rows hold whole groups ([prompt][resp_1][resp_2]...), each sharing its prompt."""
         return self.segment_ids is not None
 
     @property
     def n_responses(self) -> int:
-        """Length of the reward vector: one reward per response (= rows when not packed)."""
-        return int(self.scores.shape[0])
+        """Length of the reward vector: one reward per distinct response."""
+        return int(self.record_index.shape[0])
 
     @property
     def n_lm_targets(self) -> int:
-        """Imitation targets: what the model's chunked LM loss sums over (ZeRO-3 chunk count)."""
-        labels = self.lm_labels if self.packed else self.lm_labels[:, 1:]
-        return int((labels != IGNORE_INDEX).sum())
+        """Imitation targets: what the model's chunked LM loss runs over (ZeRO-3 chunk count)."""
+        return int(self.lm_token.shape[0])
 
-    def model_inputs(self, device: Any = None) -> dict[str, torch.Tensor | None]:
-        """The keyword arguments `RewardModel.forward` takes for this layout (labels excluded)."""
+    def lm_grid(self) -> torch.Tensor:
+        """[rows, L]: the token each position must predict, IGNORE_INDEX elsewhere (for reading
+        and tests; a packed prompt end that predicts two responses' first tokens keeps one)."""
+        grid = torch.full(tuple(self.input_ids.shape), IGNORE_INDEX, dtype=torch.long)
+        if self.lm_token.numel():
+            grid[self.lm_index[:, 0], self.lm_index[:, 1]] = self.lm_token
+        return grid
+
+    def model_inputs(self, device: Any = None, with_lm: bool = False) -> dict[str, torch.Tensor | None]:
+        """The keyword arguments `RewardModel.forward` takes for this layout (imitation
+        targets only `with_lm`)."""
         names = ["input_ids", "attention_mask", "position_ids", "segment_ids", "response_end"]
         if self.packed:
             names.append("record_index")
+        if with_lm:
+            names += ["lm_index", "lm_token", "lm_weight"]
         out: dict[str, torch.Tensor | None] = {}
         for n in names:
             t = getattr(self, n)
@@ -109,12 +145,6 @@ class Batch:
             if isinstance(v, torch.Tensor):
                 moved[k] = v.to(device, non_blocking=True)
         return Batch(**moved)
-
-
-def _preferred(scores: Sequence[float]) -> int | None:
-    top = max(scores)
-    best = [i for i, s in enumerate(scores) if s == top]
-    return best[0] if len(best) == 1 else None
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
@@ -185,16 +215,107 @@ def encode_record(record: Record, tokenizer: Any, max_length: int, truncation_si
     return EncodedRecord(prompt, responses, tuple(float(s) for s in record.scores), truncated)
 
 
-def collate(encoded: Sequence[EncodedRecord], pad_id: int, padding_side: str = "right",
-            lm_target: str = "none", rows: str = "all", pack: bool = False) -> Batch:
-    """Pad the rows of several records into one batch; L = the longest row, no more.
+def imitation_rows(scores: Sequence[float], reduction: str) -> list[int]:
+    """The responses the imitation loss trains. "token" (rmkit's): the unique top-scored one,
+    none on a tie. "sequence" (the paper's, Linear95/DSP trainer.py): every response whose score
+    passes 0.85 of the top (score / (max + 1e-5) > 0.85), so tied top responses are all trained."""
+    if reduction not in IMITATION_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {IMITATION_REDUCTIONS}, got {reduction!r}")
+    if reduction == "token":
+        best = preferred_index(scores)
+        return [] if best is None else [best]
+    top = max(scores)
+    if top <= 0:  # the paper's scores are >= 0; below that, take the responses tied at the top
+        return [j for j, s in enumerate(scores) if s == top]
+    return [j for j, s in enumerate(scores) if s / (top + 1e-5) > PAPER_TARGET_RATIO]
 
-    lm_target marks the imitation targets in lm_labels (all other positions are -100), only on
-    each record's unique preferred row (records with a tied top score get none):
-    "response" = its response tokens, "whole" = prompt + response tokens (the paper's
-    setting), "none" = no targets; a row's first token is never a target (nothing predicts
-    it). rows="preferred" keeps only those preferred rows (plain LM
-    training); records without a unique preferred response then contribute nothing.
+
+def group_shared(encoded: Sequence[EncodedRecord], reduction: str = "token"
+                 ) -> tuple[list[Group], list[int]]:
+    """Merge records with identical prompt ids into groups in which each distinct response
+    (by token ids) appears once. Returns the groups (in order of first appearance) and, for
+    every input response in order, its index in the reward vector (groups laid end to end).
+
+    Every pair, and every imitation target (`imitation_rows` under `reduction`), of every
+    record is kept with its multiplicity, so losses and accuracies equal the record-by-record
+    ones. DSP's four pairs of a query (one preferred response against each other) become one
+    group of five responses: 5 rows instead of 8.
+    """
+    groups: list[Group] = []
+    by_prompt: dict[tuple[int, ...], int] = {}
+    index: list[dict[tuple[int, ...], int]] = []
+    local: list[tuple[int, int]] = []  # (group, response index in the group) per input response
+    for enc in encoded:
+        key = tuple(enc.prompt_ids)
+        g = by_prompt.get(key)
+        if g is None:
+            g = by_prompt[key] = len(groups)
+            groups.append(Group(list(enc.prompt_ids), [], [], [], 0))
+            index.append({})
+        grp, seen = groups[g], index[g]
+        ids = []
+        for resp in enc.response_ids:
+            k = tuple(resp)
+            if k not in seen:
+                seen[k] = len(grp.responses)
+                grp.responses.append(list(resp))
+                grp.targets.append(0)
+            ids.append(seen[k])
+            local.append((g, seen[k]))
+        grp.pairs += [(ids[a], ids[b]) for a, b in strict_pairs(enc.scores)]
+        for j in imitation_rows(enc.scores, reduction):
+            grp.targets[ids[j]] += 1
+        grp.truncated += int(enc.truncated)
+    offsets = [0]
+    for grp in groups:
+        offsets.append(offsets[-1] + len(grp.responses))
+    return groups, [offsets[g] + j for g, j in local]
+
+
+class _Targets:
+    """Imitation targets as (row, predicting position, token) -> raw weight, normalised once
+    at the end: "token" reduction = every target token of the batch weighs the same;
+    "sequence" = each target sequence's mean NLL, then the mean over sequences."""
+
+    def __init__(self, reduction: str) -> None:
+        self.reduction = reduction
+        self.weights: dict[tuple[int, int, int], float] = {}
+        self.total = 0.0
+
+    def add(self, prompt: list[int], resp: list[int], whole: bool, count: int, place: Any) -> None:
+        """One target sequence (row = prompt + resp) trained `count` times; place(v) maps a
+        position v of that row to (row, position) in the batch."""
+        seq = prompt + resp
+        first = 1 if whole else max(len(prompt), 1)  # a row's first token has no predictor
+        n = len(seq) - first
+        if n <= 0 or count <= 0:
+            return
+        w = float(count) if self.reduction == "token" else count / n
+        self.total += count * n if self.reduction == "token" else count
+        for t in range(first, len(seq)):
+            key = (*place(t - 1), seq[t])
+            self.weights[key] = self.weights.get(key, 0.0) + w
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        keys = sorted(self.weights)
+        index = torch.tensor([k[:2] for k in keys], dtype=torch.long).reshape(-1, 2)
+        token = torch.tensor([k[2] for k in keys], dtype=torch.long)
+        weight = torch.tensor([self.weights[k] / self.total for k in keys], dtype=torch.float32)
+        return index, token, weight
+
+
+def collate(encoded: Sequence[EncodedRecord], pad_id: int, padding_side: str = "right",
+            lm_target: str = "none", rows: str = "all", pack: bool = False,
+            reduction: str = "token") -> Batch:
+    """Pad the distinct responses of several records into one batch; L = the longest row.
+
+    Records sharing a prompt are merged first (`group_shared`): each distinct response is one
+    row, every pair of every record kept. lm_target marks the imitation targets of each
+    record's `imitation_rows`: "response" = its response tokens, "whole" = prompt + response
+    tokens (the paper's setting), "none" = no targets; a row's first token is never a target
+    (nothing predicts it). reduction: "token" = the mean NLL over every target token of the
+    batch, "sequence" = each target's mean NLL, averaged over targets (the paper's).
+    rows="preferred" keeps only target rows (plain LM training, BLT); pairs are then dropped.
     position_ids = cumsum(mask) - 1 clamped at 0, so left and right padding give equal positions.
 
     Example (pad_id=0, padding_side="right", lm_target="response"):
@@ -205,96 +326,82 @@ def collate(encoded: Sequence[EncodedRecord], pad_id: int, padding_side: str = "
       attention_mask [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0]]
       position_ids   [[0, 1, 2, 2], [0, 1, 2, 3], [0, 1, 1, 1], [0, 1, 2, 2], [0, 1, 1, 1]]
       record_index   [0, 0, 1, 1, 1]
-      scores         [1., 0., 2., 1., 1.]
       better [0, 2, 2], worse [1, 3, 4]       (rows 3 and 4 tie: no pair)
-      lm_labels      [[-100, -100, 7, -100], [-100] * 4, [-100, 3, -100, -100], [-100] * 4, [-100] * 4]
+      lm_index [[0, 1], [2, 0]], lm_token [7, 3], lm_weight [0.5, 0.5]
       n_tokens 14, n_truncated 0
     With padding_side="left" row 0 becomes input_ids [0, 5, 6, 7], mask [0, 1, 1, 1],
-    positions [0, 0, 1, 2].
+    positions [0, 0, 1, 2] (and its target is predicted from position 2).
 
     pack=True (rows="all" only) gives the prefix-sharing layout of `collate_packed`.
     """
-    if padding_side not in PADDING_SIDES:
-        raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
-    if lm_target not in LM_TARGETS:
-        raise ValueError(f"lm_target must be one of {LM_TARGETS}, got {lm_target!r}")
+    _check(padding_side, lm_target)
     if rows not in ROW_MODES:
         raise ValueError(f"rows must be one of {ROW_MODES}, got {rows!r}")
     if pack and rows == "all":
-        return collate_packed(encoded, pad_id, padding_side, lm_target)
+        return collate_packed(encoded, pad_id, padding_side, lm_target, reduction)
+    groups, reward_of = group_shared(encoded, reduction)
 
     seqs: list[list[int]] = []
-    labels: list[list[int]] = []
-    record_index: list[int] = []
-    scores: list[float] = []
+    owners: list[tuple[int, int]] = []  # (group, response) per row
     better: list[int] = []
     worse: list[int] = []
-    n_truncated = 0
-    for rec_i, enc in enumerate(encoded):
-        pref = enc.preferred()
-        keep = range(len(enc.response_ids)) if rows == "all" else ([] if pref is None else [pref])
-        first_row = len(seqs)
-        for j in keep:
-            resp = enc.response_ids[j]
-            seqs.append(enc.prompt_ids + resp)
-            if j == pref and lm_target == "whole":
-                lab = enc.prompt_ids + resp
-            elif j == pref and lm_target == "response":
-                lab = [IGNORE_INDEX] * len(enc.prompt_ids) + resp
-            else:
-                lab = [IGNORE_INDEX] * (len(enc.prompt_ids) + len(resp))
-            # A row's first token has no predictor, so it is never a target (under left
-            # padding the position before it is a pad).
-            labels.append([IGNORE_INDEX] + lab[1:] if lab else lab)
-            record_index.append(rec_i)
-            scores.append(enc.scores[j])
+    row_of: dict[tuple[int, int], int] = {}
+    for g, grp in enumerate(groups):
+        for j, resp in enumerate(grp.responses):
+            if rows == "all" or grp.targets[j]:
+                row_of[(g, j)] = len(seqs)
+                seqs.append(grp.prompt_ids + resp)
+                owners.append((g, j))
         if rows == "all":
-            _add_pairs(enc.scores, first_row, better, worse)
-        if keep and enc.truncated:
-            n_truncated += 1
+            base = row_of[(g, 0)] if grp.responses else 0
+            better += [base + a for a, _ in grp.pairs]
+            worse += [base + b for _, b in grp.pairs]
 
-    n_rows = len(seqs)
     width = max((len(s) for s in seqs), default=0)
-    input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((n_rows, width), dtype=torch.long)
-    lm_labels = torch.full((n_rows, width), IGNORE_INDEX, dtype=torch.long)
-    for i, (seq, lab) in enumerate(zip(seqs, labels)):
-        at = slice(0, len(seq)) if padding_side == "right" else slice(width - len(seq), width)
-        input_ids[i, at] = torch.tensor(seq, dtype=torch.long)
-        lm_labels[i, at] = torch.tensor(lab, dtype=torch.long)
-        attention_mask[i, at] = 1
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    targets = _Targets(reduction)
+    for i, seq in enumerate(seqs):
+        start = 0 if padding_side == "right" else width - len(seq)
+        input_ids[i, start:start + len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[i, start:start + len(seq)] = 1
+        g, j = owners[i]
+        if lm_target != "none":
+            grp = groups[g]
+            targets.add(grp.prompt_ids, grp.responses[j], lm_target == "whole", grp.targets[j],
+                        lambda v, i=i, start=start: (i, start + v))
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    lm_index, lm_token, lm_weight = targets.tensors()
+    if rows != "all":
+        reward_of = []
     return Batch(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        record_index=torch.tensor(record_index, dtype=torch.long),
-        scores=torch.tensor(scores, dtype=torch.float32),
+        record_index=torch.tensor([g for g, _ in owners], dtype=torch.long),
         better=torch.tensor(better, dtype=torch.long),
         worse=torch.tensor(worse, dtype=torch.long),
-        lm_labels=lm_labels,
+        reward_of=torch.tensor(reward_of, dtype=torch.long),
+        lm_index=lm_index, lm_token=lm_token, lm_weight=lm_weight,
         n_tokens=int(attention_mask.sum()),
-        n_truncated=n_truncated,
+        n_truncated=sum(groups[g].truncated for g in {g for g, _ in owners}),
     )
 
 
-def _add_pairs(scores: Sequence[float], first: int, better: list[int], worse: list[int]) -> None:
-    """Every (a, b) with scores[a] > scores[b], as indices offset by `first`."""
-    n = len(scores)
-    for a in range(n):
-        for b in range(n):
-            if scores[a] > scores[b]:
-                better.append(first + a)
-                worse.append(first + b)
+def _check(padding_side: str, lm_target: str) -> None:
+    if padding_side not in PADDING_SIDES:
+        raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
+    if lm_target not in LM_TARGETS:
+        raise ValueError(f"lm_target must be one of {LM_TARGETS}, got {lm_target!r}")
 
 
-def packed_length(enc: EncodedRecord) -> int:
-    """Tokens of a record in the packed layout: its prompt once plus every response."""
-    return len(enc.prompt_ids) + sum(len(r) for r in enc.response_ids)
+def packed_length(group: Group) -> int:
+    """Tokens of a group in the packed layout: its prompt once plus every distinct response."""
+    return len(group.prompt_ids) + sum(len(r) for r in group.responses)
 
 
 def bin_pack(lengths: Sequence[int], width: int) -> list[list[int]]:
-    """First-fit decreasing: record indices per row, no row longer than `width` (ties keep
+    """First-fit decreasing: item indices per row, no row longer than `width` (ties keep
     index order, so the result depends only on the lengths)."""
     rows: list[list[int]] = []
     room: list[int] = []
@@ -311,67 +418,56 @@ def bin_pack(lengths: Sequence[int], width: int) -> list[list[int]]:
 
 
 def collate_packed(encoded: Sequence[EncodedRecord], pad_id: int, padding_side: str = "right",
-                   lm_target: str = "none") -> Batch:
-    """Each record as one block [prompt][resp_1][resp_2]... (the prompt shared by its responses);
-    blocks packed into rows no longer than the longest block (first-fit decreasing).
+                   lm_target: str = "none", reduction: str = "token") -> Batch:
+    """Each group (records sharing a prompt, `group_shared`) as one block
+    [prompt][resp_1][resp_2]..., blocks packed into rows no longer than the longest block
+    (first-fit decreasing).
 
-    The prompt is computed once instead of once per response, and short records share a row
+    The prompt is computed once instead of once per response, and short groups share a row
     instead of padding. The model builds the attention mask from segment_ids (a prompt is
-    causal; a response sees its own record's prompt and itself, nothing else) and position_ids
+    causal; a response sees its own group's prompt and itself, nothing else) and position_ids
     restart after the prompt for every response, so each response's hidden states equal those
-    of its own unshared row. Everything indexed by response keeps `collate`'s order and meaning:
-    scores, record_index, better/worse index the reward vector [R] exactly as rows do unshared.
+    of its own unshared row. The reward vector, pairs, reward_of and the imitation targets mean
+    what they mean in `collate`: a response's first token is predicted from its prompt's last
+    position, which several target responses then share.
 
-    segment_ids: r (>= 0) on response r's tokens, -2 - i on record i's prompt, -1 on padding.
-    lm_labels here are SHIFTED: lm_labels[b, t] is the token position t predicts (not the token
-    at t), because a response's first token is predicted from its prompt's last position, which
-    is not the position before it unless it is the first response. response_end[r] = (row,
-    position) of response r's last token (of its prompt's last token, for an empty response).
+    segment_ids: r (>= 0) on response r's tokens, -2 - g on group g's prompt, -1 on padding.
+    response_end[r] = (row, position) of response r's last token (of its prompt's last token,
+    for an empty response).
 
     Example (pad_id=0, padding_side="right", lm_target="response"), the records of `collate`
     (blocks of 5 tokens each: one per row):
       input_ids    [[5, 6, 7, 8, 9], [5, 3, 4, 4, 2]]
       segment_ids  [[-2, -2, 0, 1, 1], [-3, 2, 3, 3, 4]]
       position_ids [[0, 1, 2, 2, 3], [0, 1, 1, 2, 1]]
-      lm_labels    [[X, 7, X, X, X], [3, X, X, X, X]]       (X = -100)
+      lm_index [[0, 1], [1, 0]], lm_token [7, 3]
       response_end [[0, 2], [0, 4], [1, 1], [1, 3], [1, 4]]
       better [0, 2, 2], worse [1, 3, 4]; n_tokens 10 (14 unshared)
     """
-    if padding_side not in PADDING_SIDES:
-        raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
-    if lm_target not in LM_TARGETS:
-        raise ValueError(f"lm_target must be one of {LM_TARGETS}, got {lm_target!r}")
-    blocks: list[tuple[list[int], list[int], list[int], list[int]]] = []  # ids, segments, positions, labels
-    ends: list[tuple[int, int]] = []  # (record, offset in its block)
+    _check(padding_side, lm_target)
+    groups, reward_of = group_shared(encoded, reduction)
+    blocks: list[tuple[list[int], list[int], list[int]]] = []  # ids, segments, positions
+    starts: list[list[int]] = []  # per group: offset of each response in its block
+    ends: list[tuple[int, int]] = []  # (group, offset in its block)
     record_index: list[int] = []
-    scores: list[float] = []
     better: list[int] = []
     worse: list[int] = []
-    n_truncated = 0
-    for rec_i, enc in enumerate(encoded):
-        pref = enc.preferred() if lm_target != "none" else None
-        prompt = enc.prompt_ids
+    for g, grp in enumerate(groups):
+        prompt = grp.prompt_ids
         p = len(prompt)
-        seq, seg, pos = list(prompt), [-2 - rec_i] * p, list(range(p))
-        lab = [IGNORE_INDEX] * p
-        if pref is not None and lm_target == "whole" and p > 1:
-            lab[:p - 1] = prompt[1:]  # position t predicts prompt[t + 1]
-        _add_pairs(enc.scores, len(scores), better, worse)
-        for j, resp in enumerate(enc.response_ids):
+        seq, seg, pos = list(prompt), [-2 - g] * p, list(range(p))
+        better += [len(record_index) + a for a, _ in grp.pairs]
+        worse += [len(record_index) + b for _, b in grp.pairs]
+        starts.append([])
+        for resp in grp.responses:
             start = len(seq)
+            starts[-1].append(start)
             seq += resp
-            seg += [len(scores)] * len(resp)
+            seg += [len(record_index)] * len(resp)
             pos += range(p, p + len(resp))
-            lab += [IGNORE_INDEX] * len(resp)
-            if j == pref and resp:
-                lab[start:start + len(resp) - 1] = resp[1:]
-                if p:
-                    lab[p - 1] = resp[0]  # the prompt's last position predicts the first token
-            ends.append((rec_i, start + len(resp) - 1 if resp else p - 1))
-            record_index.append(rec_i)
-            scores.append(enc.scores[j])
-        blocks.append((seq, seg, pos, lab))
-        n_truncated += int(enc.truncated)
+            ends.append((g, start + len(resp) - 1 if resp else p - 1))
+            record_index.append(g)
+        blocks.append((seq, seg, pos))
 
     lengths = [len(b[0]) for b in blocks]
     width = max(lengths, default=0)
@@ -379,20 +475,29 @@ def collate_packed(encoded: Sequence[EncodedRecord], pad_id: int, padding_side: 
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     segment_ids = torch.full((len(rows), width), -1, dtype=torch.long)
-    lm_labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    where: dict[int, tuple[int, int]] = {}  # record -> (row, column of its first token)
+    where: dict[int, tuple[int, int]] = {}  # group -> (row, column of its first token)
     for r, members in enumerate(rows):
         col = 0 if padding_side == "right" else width - sum(lengths[i] for i in members)
         for i in members:
-            seq, seg, pos, lab = blocks[i]
+            seq, seg, pos = blocks[i]
             at = slice(col, col + len(seq))
             input_ids[r, at] = torch.tensor(seq, dtype=torch.long)
             segment_ids[r, at] = torch.tensor(seg, dtype=torch.long)
             position_ids[r, at] = torch.tensor(pos, dtype=torch.long)
-            lm_labels[r, at] = torch.tensor(lab, dtype=torch.long)
             where[i] = (r, col)
             col += len(seq)
-    response_end = torch.tensor([(where[i][0], where[i][1] + off) for i, off in ends],
+    targets = _Targets(reduction)
+    if lm_target != "none":
+        for g, grp in enumerate(groups):
+            row, col = where[g]
+            p = len(grp.prompt_ids)
+            for j, resp in enumerate(grp.responses):
+                def place(v: int, row: int = row, col: int = col, start: int = starts[g][j], p: int = p
+                          ) -> tuple[int, int]:
+                    return row, col + (v if v < p else start + v - p)
+                targets.add(grp.prompt_ids, resp, lm_target == "whole", grp.targets[j], place)
+    lm_index, lm_token, lm_weight = targets.tensors()
+    response_end = torch.tensor([(where[g][0], where[g][1] + off) for g, off in ends],
                                 dtype=torch.long).reshape(-1, 2)
     attention_mask = (segment_ids != -1).long()
     return Batch(
@@ -400,12 +505,12 @@ def collate_packed(encoded: Sequence[EncodedRecord], pad_id: int, padding_side: 
         attention_mask=attention_mask,
         position_ids=position_ids,
         record_index=torch.tensor(record_index, dtype=torch.long),
-        scores=torch.tensor(scores, dtype=torch.float32),
         better=torch.tensor(better, dtype=torch.long),
         worse=torch.tensor(worse, dtype=torch.long),
-        lm_labels=lm_labels,
+        reward_of=torch.tensor(reward_of, dtype=torch.long),
+        lm_index=lm_index, lm_token=lm_token, lm_weight=lm_weight,
         n_tokens=int(attention_mask.sum()),
-        n_truncated=n_truncated,
+        n_truncated=sum(grp.truncated for grp in groups),
         segment_ids=segment_ids,
         response_end=response_end,
     )
@@ -414,7 +519,8 @@ def collate_packed(encoded: Sequence[EncodedRecord], pad_id: int, padding_side: 
 def packing_pays(encoded: Sequence[EncodedRecord], attention_scale: float = 4096.0) -> bool:
     """Whether the packed layout costs less compute than one row per response for this batch.
 
-    Cost of a padded [rows, L] batch ~ rows * L * (1 + L / attention_scale): the per-token
+    Both layouts compute each group's distinct responses once (`group_shared`). Cost of a
+    padded [rows, L] batch ~ rows * L * (1 + L / attention_scale): the per-token
     matmuls plus attention, which grows with L. Packing removes the repeated prompts and most
     padding (short records share a row) but makes rows longer (a whole record per block), and
     masked attention still computes the whole L x L score matrix. attention_scale = per-token
@@ -423,10 +529,11 @@ def packing_pays(encoded: Sequence[EncodedRecord], attention_scale: float = 4096
     """
     if not encoded:
         return False
-    plain = max(enc.max_length() for enc in encoded)
-    lengths = [packed_length(enc) for enc in encoded]
+    groups, _ = group_shared(encoded)
+    plain = max(len(g.prompt_ids) + len(r) for g in groups for r in g.responses)
+    lengths = [packed_length(g) for g in groups]
     width = max(lengths)
-    rows = sum(len(enc.response_ids) for enc in encoded)
+    rows = sum(len(g.responses) for g in groups)
 
     def cost(n: int, length: int) -> float:
         return n * length * (1.0 + length / attention_scale)

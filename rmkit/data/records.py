@@ -10,13 +10,27 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from rmkit.errors import RmkitError
 from rmkit.io import atomic_write_jsonl
 
 DOMAINS = ("academy", "business", "entertainment", "literature")
 DSP_KEYS = DOMAINS + ("normal",)
+
+
+def strict_pairs(scores: Sequence[float]) -> list[tuple[int, int]]:
+    """Every ordered (better, worse) index pair with scores[better] > scores[worse]: the one
+    place the pair rule is written (training, eval, stats and grouping all call it)."""
+    n = len(scores)
+    return [(a, b) for a in range(n) for b in range(n) if scores[a] > scores[b]]
+
+
+def preferred_index(scores: Sequence[float]) -> int | None:
+    """Index of the unique top score, None when the top is shared (ties carry no preference)."""
+    top = max(scores)
+    best = [i for i, s in enumerate(scores) if s == top]
+    return best[0] if len(best) == 1 else None
 
 
 @dataclass(frozen=True)
@@ -33,14 +47,11 @@ class Record:
 
     def pairs(self) -> list[tuple[int, int]]:
         """Every ordered (better, worse) index pair with a strict score difference."""
-        n = len(self.responses)
-        return [(i, j) for i in range(n) for j in range(n) if self.scores[i] > self.scores[j]]
+        return strict_pairs(self.scores)
 
     def preferred(self) -> int | None:
         """Index of the unique best response, or None when the top score is shared."""
-        top = max(self.scores)
-        best = [i for i, s in enumerate(self.scores) if s == top]
-        return best[0] if len(best) == 1 else None
+        return preferred_index(self.scores)
 
     def to_json(self) -> dict[str, Any]:
         row: dict[str, Any] = {

@@ -67,9 +67,9 @@ def micro_batch_loss(model: Any, batch: Batch, recipe: Recipe, with_lm: bool, de
     """One micro-batch's forward and loss in either layout (one row per response, or packed
     with a shared prompt): rewards come back one per response in the same order, so the
     ranking pairs index them alike. Returns (loss, ranking term, imitation term, output)."""
-    out = model(**batch.model_inputs(device), lm_labels=batch.lm_labels.to(device) if with_lm else None,
-                lm_chunk_size=recipe.loss.lm_chunk_size, lm_min_chunks=lm_min_chunks)
-    im_l = imitation_loss(out.lm_loss_sum, out.lm_tokens) if with_lm else torch.zeros((), device=device)
+    out = model(**batch.model_inputs(device, with_lm=with_lm), lm_chunk_size=recipe.loss.lm_chunk_size,
+                lm_min_chunks=lm_min_chunks)
+    im_l = imitation_loss(out.lm_loss) if with_lm else torch.zeros((), device=device)
     if recipe.stage == "blt":
         return im_l, torch.zeros((), device=device), im_l, out
     rank_l = ranking_loss(out.rewards.float(), batch.better.to(device), batch.worse.to(device), recipe.loss.margin)
@@ -138,6 +138,8 @@ class Runner:
         train = read_records(self.run_dir / "data" / "train.jsonl")
         self.train_enc = [self._encode(x) for x in train]
         self.lengths = [max(len(e.prompt_ids) + len(resp) for resp in e.response_ids) for e in self.train_enc]
+        prompt_group: dict[tuple[int, ...], int] = {}
+        self.groups = [prompt_group.setdefault(tuple(e.prompt_ids), len(prompt_group)) for e in self.train_enc]
         self.evals: dict[str, tuple[list[Any], list[list[int]]]] = {}
         for name in r.data.eval:
             recs = read_records(self.run_dir / "data" / f"eval-{name}.jsonl")
@@ -165,8 +167,9 @@ class Runner:
     # ---- one optimizer step -------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
         r = self.recipe
-        ids = step_records(step, len(self.train_enc), r.train.global_batch, r.train.seed)
-        micros = micro_batches(ids, self._group_lengths(), r.train.micro_batch, self.world, self.rank)
+        ids = step_records(step, len(self.train_enc), r.train.global_batch, r.train.seed, self.groups)
+        micros = micro_batches(ids, self._group_lengths(), r.train.micro_batch, self.world, self.rank,
+                               self.groups)
         blt = self.stage == "blt"
         lm_target = "whole" if blt else (r.loss.imitation_target if r.loss.imitation_weight > 0 else "none")
         sums = torch.zeros(6, dtype=torch.float64)  # rank_loss, im_loss, correct, pairs, tokens, truncated
@@ -174,7 +177,8 @@ class Runner:
             encs = [self.train_enc[i] for i in mb]
             pack = r.data.prefix_sharing and not blt and packing_pays(encs, self._attention_scale())
             batch = collate(encs, pad_id=self.tokenizer.pad_token_id, padding_side=r.data.padding_side,
-                            lm_target=lm_target, rows="preferred" if blt else "all", pack=pack)
+                            lm_target=lm_target, rows="preferred" if blt else "all", pack=pack,
+                            reduction="token" if blt else r.loss.imitation_reduction)
             min_chunks = 0
             if lm_target != "none" and self.world > 1:
                 # ZeRO-3 gathers lm_head collectively: every rank must run the same number of chunks
