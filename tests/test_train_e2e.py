@@ -54,7 +54,7 @@ train:
 launch:
   deepspeed: {over.pop("zero", "zero2")}
   gpus: {over.pop("gpus", 1)}
-  precision: fp32
+  precision: {over.pop("precision", "fp32")}
 """
     assert not over, over
     p = tmp / f"{out}.yaml"
@@ -183,4 +183,22 @@ def test_dry_run_prints_command_and_starts_nothing(tmp_path: Path, tiny_model_di
     assert res.returncode == 0, res.stderr
     assert f"deepspeed --num_gpus 2 --num_nodes 1 --master_port 29500 --log_level warning --module rmkit.train.worker {tmp_path / 'run'}" in res.stdout
     assert "gradient accumulation 2" in res.stdout
+    assert "precision fp32: set in the recipe (launch.precision)" in res.stdout
     assert not (tmp_path / "run").exists()
+    auto = _recipe(tmp_path, str(tiny_model_dir), out="auto", precision="auto")
+    res = rmkit("train", "grft", "--recipe", str(auto), "--dry-run")
+    from rmkit.hardware import resolve_precision
+
+    expected = resolve_precision("auto", on_gpu=torch.cuda.is_available())
+    assert f"precision {expected[0]}: {expected[1]}" in res.stdout
+
+
+def test_bf16_on_cpu_trains_and_records_why(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """bf16 through DeepSpeed's bf16 engine on a CPU: runs, learns, and run.json says why."""
+    recipe = _recipe(tmp_path, str(tiny_model_dir), precision="bf16", max_steps=6)
+    res = rmkit("train", "grft", "--recipe", str(recipe))
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (info["precision"], info["precision_reason"]) == ("bf16", "set in the recipe (launch.precision)")
+    rows = [r for r in _metrics(tmp_path / "run") if "loss" in r]
+    assert rows[-1]["loss"] < rows[0]["loss"]

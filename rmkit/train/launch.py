@@ -125,7 +125,7 @@ def train(recipe: Recipe, resume: bool = False, dry_run: bool = False,
         console.print("[bold]launcher command[/]")
         console.print(shlex.join(cmd), soft_wrap=True, markup=False)
         console.print(f"[bold]resolved recipe[/] (world size {plan.world_size}, gradient accumulation "
-                      f"{plan.grad_accum}, precision {plan.precision})")
+                      f"{plan.grad_accum}, precision {plan.precision}: {plan.precision_reason})", soft_wrap=True)
         console.print(dump_recipe(recipe), markup=False)
         return 0
     run_dir = plan.run_dir
@@ -198,4 +198,5 @@ def _print_plan(recipe: Recipe, plan: RunPlan, manifest: dict) -> None:
                   ", ".join(f"{k}: {v}" for k, v in s["dropped"].items()) or "-")
     console.print(t)
     console.print(f"{manifest['train_records']} train records ({manifest['train_pairs']} pairs), world size "
-                  f"{plan.world_size}, gradient accumulation {plan.grad_accum}, precision {plan.precision}")
+                  f"{plan.world_size}, gradient accumulation {plan.grad_accum}, precision {plan.precision} "
+                  f"({plan.precision_reason})", markup=False)

@@ -36,6 +36,7 @@ class RunPlan:
     precision: str
     model_path: Path
     parent_meta: dict[str, Any] | None
+    precision_reason: str = ""
 
 
 def output_dir(recipe: Recipe) -> Path:
@@ -261,7 +262,7 @@ def plan_run(recipe: Recipe) -> RunPlan:
     if recipe.launch.gpus != "auto" and on_gpu and int(recipe.launch.gpus) > gpus:
         raise RmkitError(f"launch.gpus={recipe.launch.gpus} but only {gpus} GPU(s) are visible", where="recipe")
     accum = recipe.grad_accum(world)
-    precision = recipe.precision(on_gpu)
+    precision, why = recipe.precision(on_gpu)
     if precision == "fp16" and not on_gpu:
         raise RmkitError("fp16 needs a GPU", where="launch.precision", hint="use fp32 (or bf16) on CPU")
     if recipe.stage == "crft" and not Path(recipe.model.path).exists():
@@ -272,7 +273,7 @@ def plan_run(recipe: Recipe) -> RunPlan:
     model_path = resolve_model(recipe.model.path)
     parent = check_parent(recipe, model_path)
     resolve_ds_config_path(recipe.launch.deepspeed)
-    return RunPlan(output_dir(recipe), world, accum, precision, model_path, parent)
+    return RunPlan(output_dir(recipe), world, accum, precision, model_path, parent, why)
 
 
 def _parent_entry(plan: RunPlan) -> dict[str, Any] | None:
@@ -300,6 +301,7 @@ def write_run_dir(recipe: Recipe, plan: RunPlan) -> dict[str, Any]:
         "stage": recipe.stage, "domain": recipe.domain, "model_path": str(plan.model_path.resolve()),
         "parent": _parent_entry(plan),
         "world_size": plan.world_size, "grad_accum": plan.grad_accum, "precision": plan.precision,
+        "precision_reason": plan.precision_reason,
         "recipe_sha256": sha256_text(recipe_text),
         "data_manifest_sha256": sha256_file(run / "data" / "manifest.json"),
         "rmkit_version": __version__, "git_commit": git_commit(),
