@@ -303,6 +303,10 @@ def build_registry(main: str | Path, domains: list[tuple[str, str]] | None = Non
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    for name, path in pairs:
+    # Full checkpoints first, so a base that is also served keeps the Scorer `rmkit eval` gives it
+    # (encoding, pad handling); then each adapter attaches to its base; domains keep the given order.
+    adapters = {n for n, p in pairs if Path(p).expanduser().is_dir() and _is_adapter(Path(p).expanduser())}
+    for name, path in sorted(pairs, key=lambda np: np[0] in adapters):
         registry.add(name, path, trust_remote_code)
+    registry.domains = {n: registry.domains[n] for n, _ in pairs}
     return registry
