@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from rmkit import __version__
 from rmkit.data.records import Record, iter_jsonl
 from rmkit.errors import RmkitError
 from rmkit.io import atomic_write_json, atomic_write_jsonl
+from rmkit.stats import DEFAULT_RESAMPLES, DEFAULT_SEED
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +41,8 @@ RECIPE_FILE = "rmkit_recipe.yaml"
 DEFAULT_BATCH_SIZE = 16  # records per forward on a GPU; every response of a record rides in the same batch
 FALLBACK_MAX_LENGTH = 2048  # plain folders whose config and tokenizer name no length limit
 PROGRESS_MIN_RECORDS = 64  # sets shorter than this finish before a bar is worth drawing
+LABEL_MAX = 20  # characters of a checkpoint label in tables ("crft-entertainment" is 18)
+MIN_RESAMPLES = 100
 CKPT_HINT = ("give a folder written by `rmkit train` (RUN/final or RUN/checkpoints/step-N), or a "
              "Hugging Face reward folder (config.json, *.safetensors, tokenizer files)")
 
@@ -74,6 +76,7 @@ class Checkpoint:
     meta: dict[str, Any]  # rmkit: meta.json (file table dropped); hf: what config.json says
     encoding: Encoding
     recipe: Path | None  # the training recipe saved beside the weights (rmkit checkpoints)
+    name: str = ""  # short label for tables (`short_labels`); `label` is the path as given
 
 
 @dataclass
@@ -513,9 +516,82 @@ def set_result(records: list[Record], encoded: list["EncodedRecord"], rewards: l
     return result
 
 
-def _finite(value: Any) -> Any:
-    """NaN (a metric with no denominator) -> None, so the report is strict JSON."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+def pair_prompts(records: list[Record]) -> list[str]:
+    """The prompt of every pair, in `Record.pairs()` order (the order `tally` counts them): pairs
+    of one prompt text are one cluster of the bootstrap."""
+    return [rec.prompt for rec in records for _ in rec.pairs()]
+
+
+def pair_outcomes(records: list[Record], rewards: list[list[float]]) -> list[bool]:
+    """Per pair, in `Record.pairs()` order: reward(better) > reward(worse); an equal reward is
+    wrong, as `tally` counts it."""
+    return [r[i] > r[j] for rec, r in zip(records, rewards) for i, j in rec.pairs()]
+
+
+def length_outcomes(records: list[Record]) -> list[bool]:
+    """Per pair: the better response is the longer one (in characters), as `tally` counts it."""
+    return [len(rec.responses[i]) > len(rec.responses[j]) for rec in records for i, j in rec.pairs()]
+
+
+def _base_label(ckpt: Checkpoint) -> str:
+    """stage[-domain] from an rmkit checkpoint's meta.json; a plain folder's name (a run's
+    `final` or `step-N` keeps its run folder's name in front)."""
+    if ckpt.kind == "rmkit":
+        stage, domain = ckpt.meta.get("stage") or "rmkit", ckpt.meta.get("domain")
+        return f"{stage}-{domain}" if domain else str(stage)
+    folder = ckpt.path.resolve()
+    if folder.name == "final" or folder.name.startswith("step-"):
+        return f"{folder.parent.name}/{folder.name}"
+    return folder.name or str(folder)
+
+
+def _clip(label: str) -> str:
+    return label if len(label) <= LABEL_MAX else label[:LABEL_MAX - 1] + "…"
+
+
+def short_labels(checkpoints: list[Checkpoint]) -> list[str]:
+    """One short, unique label per checkpoint for narrow tables (the legend maps it to the path):
+    `grft`, `crft-business`, a plain folder's name; checkpoints with one label and different
+    steps become `grft@100`, `grft@200`; any other clash is numbered `grft#1`, `grft#2`."""
+    bases = [_clip(_base_label(c)) for c in checkpoints]
+    out = []
+    for k, (ckpt, base) in enumerate(zip(checkpoints, bases)):
+        twins = [c for c, b in zip(checkpoints, bases) if b == base]
+        steps = [c.meta.get("step") for c in twins]
+        if len(twins) == 1:
+            out.append(base)
+        elif None not in steps and len(set(steps)) == len(steps):
+            out.append(f"{base}@{ckpt.meta['step']}")
+        else:
+            out.append(f"{base}#{bases[:k + 1].count(base)}")
+    while len(set(out)) < len(out):  # e.g. a folder literally named `grft#1`
+        out = [f"{x}#{k + 1}" if out.count(x) > 1 else x for k, x in enumerate(out)]
+    return out
+
+
+def add_intervals(report: dict[str, Any], sets: list[EvalSet], outcomes: dict[str, list[list[bool]]],
+                  n_resamples: int, seed: int) -> None:
+    """Per set, one bootstrap over prompts shared by every checkpoint and the length baseline:
+    each accuracy's interval, and each checkpoint's paired difference with the first one."""
+    import numpy as np
+
+    from rmkit.stats import LEVEL, cluster_ids, clustered_bootstrap
+
+    report["bootstrap"] = {"unit": "prompt", "resamples": n_resamples, "seed": seed, "level": LEVEL,
+                           "interval": "percentile"}
+    first = report["checkpoints"][0]["label"]
+    for s in sets:
+        ids = cluster_ids(pair_prompts(s.records))
+        cols = np.array([*outcomes[s.name], length_outcomes(s.records)], dtype=np.float64).T.reshape(len(ids), -1)
+        b = clustered_bootstrap(ids, cols, n_resamples, seed)
+        length = b.accuracy[-1]
+        report["sets"][s.name].update(prompts=b.clusters, length_baseline=length.as_dict())
+        for k, c in enumerate(report["checkpoints"]):
+            r = c["results"][s.name]
+            r["prompts"] = b.clusters
+            r["accuracy_ci"] = [b.accuracy[k].lo, b.accuracy[k].hi]
+            r["length_baseline_ci"] = [length.lo, length.hi]
+            r["diff_vs_first"] = None if k == 0 else {"vs": first, **b.diff[k].as_dict()}
 
 
 def _progress_bar() -> Any:
@@ -529,18 +605,26 @@ def _progress_bar() -> Any:
 
 def run_eval(checkpoint_args: list[str], data: list[str] | None = None, domain: str | None = None,
              batch_size: int | None = None, max_length: int | None = None, json_out: Path | None = None,
-             trust_remote_code: bool = False, padding_side: str | None = None) -> dict[str, Any]:
-    """Evaluate every checkpoint on every set; returns (and with json_out writes) the report."""
+             trust_remote_code: bool = False, padding_side: str | None = None,
+             n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> dict[str, Any]:
+    """Evaluate every checkpoint on every set; returns (and with json_out writes) the report.
+    Intervals come from `n_resamples` bootstrap resamples of prompts, seeded by `seed`."""
     import gc
 
     if batch_size is not None and batch_size < 1:
         raise RmkitError(f"--batch-size must be at least 1, got {batch_size}")
+    if n_resamples < MIN_RESAMPLES:
+        raise RmkitError(f"--bootstrap must be at least {MIN_RESAMPLES}, got {n_resamples}",
+                         hint=f"the interval ends are the 2.5th and 97.5th percentiles; the default is "
+                              f"{DEFAULT_RESAMPLES}")
     if not checkpoint_args:
         raise RmkitError("no checkpoint given", hint="rmkit eval CKPT [CKPT ...]")
     checkpoints = [inspect_checkpoint(p, max_length) for p in checkpoint_args]
     labels = [c.label for c in checkpoints]
     if len(set(labels)) != len(labels):
         raise RmkitError("a checkpoint is given twice", hint="list each folder once")
+    for ckpt, name in zip(checkpoints, short_labels(checkpoints)):
+        ckpt.name = name
     if json_out is not None and Path(json_out).is_dir():
         raise RmkitError(f"--json {json_out} is a folder", hint="give a file name, e.g. --json eval.json")
     sets = gather_sets(checkpoints, data or [], domain)
@@ -556,15 +640,16 @@ def run_eval(checkpoint_args: list[str], data: list[str] | None = None, domain: 
                           "pairs": sum(len(r.pairs()) for r in s.records)} for s in sets},
         "checkpoints": [],
     }
+    outcomes: dict[str, list[list[bool]]] = {s.name: [] for s in sets}
     with _progress_bar() as bar:
         for ckpt in checkpoints:
             t_load = time.perf_counter()
             scorer = load_scorer(ckpt, device, dtype, trust_remote_code)
-            entry: dict[str, Any] = {"label": ckpt.label, "path": str(ckpt.path.resolve()), "kind": ckpt.kind,
-                                     "meta": ckpt.meta, "encoding": ckpt.encoding.as_dict(),
+            entry: dict[str, Any] = {"label": ckpt.name, "given": ckpt.label, "path": str(ckpt.path.resolve()),
+                                     "kind": ckpt.kind, "meta": ckpt.meta, "encoding": ckpt.encoding.as_dict(),
                                      "load_seconds": round(time.perf_counter() - t_load, 3), "results": {}}
             for s in sets:
-                task = bar.add_task(f"{ckpt.label} · {s.name}", total=len(s.records),
+                task = bar.add_task(f"{ckpt.name} · {s.name}", total=len(s.records),
                                     visible=len(s.records) >= PROGRESS_MIN_RECORDS)
                 t0 = time.perf_counter()
                 encoded, rewards = score_records(scorer, s.records, batch_size, padding_side,
@@ -574,49 +659,120 @@ def run_eval(checkpoint_args: list[str], data: list[str] | None = None, domain: 
                 summary = set_result(s.records, encoded, rewards).summary()
                 summary["seconds"] = round(seconds, 3)
                 summary["pairs_per_s"] = round(summary["pairs"] / seconds, 2) if seconds > 0 else None
-                entry["results"][s.name] = {k: _finite(v) for k, v in summary.items()}
+                entry["results"][s.name] = summary
+                outcomes[s.name].append(pair_outcomes(s.records, rewards))
             report["checkpoints"].append(entry)
             del scorer
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    add_intervals(report, sets, outcomes, n_resamples, seed)
+    from rmkit.stats import strict_json
+
+    report = strict_json(report)  # NaN (a figure with no denominator) -> null: strict JSON
     if json_out is not None:
         atomic_write_json(json_out, report)
     return report
 
 
-# ---- the table ---------------------------------------------------------------------------------
+# ---- the tables ----------------------------------------------------------------------------------
 
 def _pct(v: Any) -> str:
-    return "—" if v is None else f"{100 * v:.1f}"
+    return "—" if v is None else f"{100 * v:.1f}".replace("-0.0", "0.0")
 
 
-def report_table(report: dict[str, Any]) -> Any:
-    """One rich table: a section per set, a row per checkpoint (side by side)."""
+def _with_ci(value: Any, ci: list[Any] | None) -> str:
+    """'58.3 [44.1, 72.0]' in percent; '—' for a figure with no pairs."""
+    if value is None or not ci or None in ci:
+        return "—"
+    return f"{_pct(value)} [{_pct(ci[0])}, {_pct(ci[1])}]"
+
+
+def _diff(d: dict[str, Any] | None) -> str:
+    """'+12.9 [10.1, 15.6]' in percentage points; '' for the first checkpoint (the reference)."""
+    if not d or d.get("value") is None:
+        return ""
+    sign = "+" if d["value"] >= 0 else ""
+    return f"{sign}{_pct(d['value'])} [{_pct(d['lo'])}, {_pct(d['hi'])}]".replace("+0.0", "0.0")
+
+
+def _table(title: str) -> Any:
     from rich import box
     from rich.table import Table
 
-    t = Table(title=f"rmkit eval ({report['device']}, {report['dtype']}): accuracy in % of pairs; "
-                    "all, top-2 in % of groups of 3+", title_justify="left", box=box.SIMPLE_HEAD)
-    for col in ("set", "checkpoint"):
-        t.add_column(col, overflow="fold")
-    for col in ("pairs", "acc", "all", "top-2", "margin", "length", "ties", "trunc"):
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+                 collapse_padding=True)
+
+
+def report_table(report: dict[str, Any]) -> Any:
+    """Accuracy with its interval, a section per set (its pairs/prompts on the set's row): a row
+    per checkpoint, then the length baseline; with several checkpoints, each one's difference
+    with the first. Every column is no-wrap and labels are short: the numbers line up in 80
+    columns and in log files (widest case, a 20-character label beside 100.0 [100.0, 100.0] and
+    -100.0 [-100.0, -100.0]: 79 columns)."""
+    ckpts = report["checkpoints"]
+    t = _table(f"rmkit eval ({report['device']}, {report['dtype']}): % of pairs ranked right")
+    t.add_column("set / model", no_wrap=True)
+    t.add_column("acc\n[95% CI]", justify="right", no_wrap=True)
+    if len(ckpts) > 1:
+        t.add_column("Δ vs first\n[95% CI]", justify="right", no_wrap=True)
+    t.add_column("pairs/\nprompts", justify="right", no_wrap=True)
+    pad = [""] if len(ckpts) > 1 else []
+    for k, (name, s) in enumerate(report["sets"].items()):
+        if k:
+            t.add_section()
+        t.add_row(name, "", *pad, f"{s['pairs']}/{s.get('prompts', '?')}", style="bold")
+        for c in ckpts:
+            r = c["results"][name]
+            diff = [_diff(r.get("diff_vs_first"))] if pad else []
+            t.add_row("  " + c["label"], _with_ci(r["accuracy"], r.get("accuracy_ci")), *diff, "")
+        r = ckpts[0]["results"][name]
+        t.add_row("  length baseline", _with_ci(r["length_baseline"], r.get("length_baseline_ci")), *pad, "",
+                  style="dim")
+    return t
+
+
+def report_details(report: dict[str, Any]) -> Any:
+    """The figures beside accuracy: margin, the paper's group metrics, ties, truncation."""
+    t = _table("margin; all, top-2 in % of groups of 3+")
+    t.add_column("set / model", no_wrap=True)
+    for col in ("margin", "all", "top-2", "ties", "trunc"):
         t.add_column(col, justify="right", no_wrap=True)
     for k, name in enumerate(report["sets"]):
         if k:
             t.add_section()
-        for n, c in enumerate(report["checkpoints"]):
+        t.add_row(name, "", "", "", "", "", style="bold")
+        for c in report["checkpoints"]:
             r = c["results"][name]
             margin = "—" if r["mean_margin"] is None or not r["pairs"] else f"{r['mean_margin']:+.3f}"
-            t.add_row(name if n == 0 else "", c["label"], str(r["pairs"]), _pct(r["accuracy"]),
-                      _pct(r["group_all_pairs_acc"]), _pct(r["group_top2_acc"]), margin,
-                      _pct(r["length_baseline"]), str(r["ties_skipped"]),
-                      f"{r['truncated']}/{r['records']}")
+            t.add_row("  " + c["label"], margin, _pct(r["group_all_pairs_acc"]), _pct(r["group_top2_acc"]),
+                      str(r["ties_skipped"]), f"{r['truncated']}/{r['records']}")
     return t
 
 
+def report_matrix(report: dict[str, Any]) -> Any:
+    """Checkpoint x set accuracy (e.g. each CRFT model on every domain and on general), only for
+    2+ checkpoints on 2+ sets; intervals are in the long table and the JSON."""
+    ckpts, names = report["checkpoints"], list(report["sets"])
+    if len(ckpts) < 2 or len(names) < 2:
+        return None
+    t = _table("accuracy %, model x set")
+    t.add_column("model", no_wrap=True)
+    for name in names:
+        t.add_column(name, justify="right", no_wrap=True)
+    for c in ckpts:
+        t.add_row(c["label"], *(_pct(c["results"][n]["accuracy"]) for n in names))
+    t.add_row("length baseline", *(_pct(ckpts[0]["results"][n]["length_baseline"]) for n in names), style="dim")
+    return t
+
+
+def report_legend(report: dict[str, Any]) -> list[str]:
+    """label = the folder as given, one line per checkpoint."""
+    return [f"{c['label']} = {c.get('given', c['path'])}" for c in report["checkpoints"]]
+
+
 def report_notes(report: dict[str, Any]) -> list[str]:
-    """What the table cannot show: records dropped on read, truncation, group coverage."""
+    """What the tables cannot show: the interval method, drops on read, truncation."""
     notes = []
     for name, s in report["sets"].items():
         dropped = s["source"].get("dropped") or {}
@@ -627,11 +783,32 @@ def report_notes(report: dict[str, Any]) -> list[str]:
         if cut:
             notes.append(f"{c['label']}: records truncated to max_length {c['encoding']['max_length']}: "
                          + ", ".join(f"{n} {k}" for k, n in cut.items()))
+    b = report.get("bootstrap")
+    if b:
+        first = report["checkpoints"][0]["label"]
+        notes.append(f"[lo, hi]: {100 * b['level']:.0f}% percentile interval over {b['resamples']} bootstrap "
+                     f"resamples of prompts (seed {b['seed']}; a prompt's pairs are drawn together)."
+                     + (f" Δ: accuracy minus {first}'s, in points, on the same resamples." if len(report["checkpoints"]) > 1
+                        else ""))
     notes.append("acc: pairs ranked right (equal scores are skipped and counted under ties; an equal reward "
-                 "counts as wrong). all / top-2: records of 3+ responses with every pair right / with their "
-                 "two best responses in order. length: the longer response wins. margin: mean reward(better) "
-                 "- reward(worse). trunc: records cut to max_length.")
+                 "counts as wrong). length baseline: the longer response wins. margin: mean reward(better) - "
+                 "reward(worse). all / top-2: records of 3+ responses with every pair right / with their two best "
+                 "responses in order. trunc: records cut to max_length.")
     return notes
+
+
+def render_report(report: dict[str, Any]) -> list[Any]:
+    """Everything `rmkit eval` prints, in order: the accuracy table, the details, the matrix (2+
+    models on 2+ sets), the legend, the notes."""
+    from rich.text import Text
+
+    out: list[Any] = [report_table(report), Text(""), report_details(report), Text("")]
+    matrix = report_matrix(report)
+    if matrix is not None:
+        out += [matrix, Text("")]
+    out += [Text(line) for line in report_legend(report)]
+    out += [Text(note, style="dim") for note in report_notes(report)]
+    return out
 
 
 # ---- --score-only ------------------------------------------------------------------------------

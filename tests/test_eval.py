@@ -21,8 +21,9 @@ from rmkit.data.records import Record, write_records
 HAND_REWARDS = [[0.5, 0.2], [1.0, 1.5, 0.0], [2.0, 1.0, 0.0], [0.7, 0.7]]
 
 
-def rmkit(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, COLUMNS="200")
+def rmkit(*args: str, cwd: Path | None = None, timeout: int = 300,
+          columns: int = 200) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, COLUMNS=str(columns))
     return subprocess.run([sys.executable, "-m", "rmkit", *args], capture_output=True, text=True, env=env,
                           timeout=timeout, cwd=cwd)
 
@@ -248,6 +249,132 @@ def test_metrics_by_hand(hf_dir: Path, tmp_path: Path, monkeypatch: pytest.Monke
     assert json.loads(out.read_text()) == report
 
 
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"the report holds the non-standard JSON constant {name}")
+
+
+def test_intervals_and_paired_differences(hf_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rewards faked as in test_metrics_by_hand, for two folders (a copy of one): the intervals are
+    the prompt bootstrap of the hand outcomes, the twin's difference is exactly 0 with a zero-width
+    interval; a pair-only set ranked all wrong: 0 [0, 0], group metrics null in strict JSON."""
+    import rmkit.score
+    from rmkit.evaluate import run_eval
+    from rmkit.stats import clustered_bootstrap
+
+    def fake(model, encoded, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if len(encoded) == 4:
+            return [(i, HAND_REWARDS[i]) for i in range(4)]
+        return [(i, [0.0, 1.0]) for i in range(len(encoded))]  # the better response always scores lower
+
+    monkeypatch.setattr(rmkit.score, "score_shard", fake)
+    twin = tmp_path / "twin"
+    shutil.copytree(hf_dir, twin)
+    wrong = tmp_path / "wrong.jsonl"
+    write_records(wrong, [Record(f"q{q}", (" long answer", " no"), (1.0, 0.0)) for q in (0, 0, 1, 1, 1, 2)])
+    out = tmp_path / "report.json"
+    report = run_eval([str(hf_dir), str(twin)], [f"{_hand_set(tmp_path / 'hand.jsonl')}:hand", f"{wrong}:wrong"],
+                      json_out=out)
+    text = out.read_text()
+    assert json.loads(text, parse_constant=_refuse_constant) == report and "NaN" not in text
+    assert report["bootstrap"] == {"unit": "prompt", "resamples": 2000, "seed": 0, "level": 0.95,
+                                   "interval": "percentile"}
+    # hand set: pairs p1 (right), p2 (wrong, right), p3 (right x3), p4 (wrong); longer wins in p1 and p2's 0>2
+    want = clustered_bootstrap([0, 1, 1, 2, 2, 2, 3], [[1, 1], [0, 0], [1, 1], [1, 0], [1, 0], [1, 0], [0, 0]])
+    first, second = (c["results"]["hand"] for c in report["checkpoints"])
+    assert first["prompts"] == 4 and first["accuracy"] == want.accuracy[0].value == 5 / 7
+    assert first["accuracy_ci"] == [want.accuracy[0].lo, want.accuracy[0].hi] == second["accuracy_ci"]
+    assert first["length_baseline_ci"] == [want.accuracy[1].lo, want.accuracy[1].hi]
+    assert first["accuracy_ci"][0] < 5 / 7 < first["accuracy_ci"][1]
+    assert first["diff_vs_first"] is None
+    assert second["diff_vs_first"] == {"vs": hf_dir.name, "value": 0.0, "lo": 0.0, "hi": 0.0}
+    w = report["checkpoints"][1]["results"]["wrong"]
+    assert (w["accuracy"], w["accuracy_ci"], w["pairs"], w["prompts"]) == (0.0, [0.0, 0.0], 6, 3)
+    assert w["group_all_pairs_acc"] is None and w["group_top2_acc"] is None  # no groups of 3+: null
+    assert w["length_baseline"] == 1.0 and w["length_baseline_ci"] == [1.0, 1.0]
+    again = run_eval([str(hf_dir)], [f"{tmp_path / 'hand.jsonl'}:hand"], seed=1)["checkpoints"][0]["results"]["hand"]
+    other = clustered_bootstrap([0, 1, 1, 2, 2, 2, 3], [1, 0, 1, 1, 1, 1, 0], seed=1).accuracy[0]
+    assert again["accuracy_ci"] == [other.lo, other.hi]
+
+
+def _wide_report() -> dict:
+    """The widest figures a table can hold (100.0 everywhere, a -100.0 difference) under the
+    longest built-in labels."""
+    def result(k: int) -> dict:
+        return {"accuracy": 1.0, "accuracy_ci": [1.0, 1.0], "pairs": 1916, "prompts": 479, "mean_margin": -12.5,
+                "length_baseline": 0.612, "length_baseline_ci": [0.581, 0.644], "ties_skipped": 10,
+                "truncated": 1916, "records": 1916, "group_all_pairs_acc": None, "group_top2_acc": 0.25,
+                "diff_vs_first": None if k == 0 else {"vs": "grft", "value": -1.0, "lo": -1.0, "hi": -1.0}}
+
+    names = ["entertainment", "literature", "academy", "business", "general"]
+    labels = ["grft", "crft-entertainment", "crft-literature", "crft-academy", "crft-business"]
+    return {"device": "cpu", "dtype": "float32",
+            "sets": {n: {"source": {}, "pairs": 1916, "prompts": 479, "records": 1916} for n in names},
+            "checkpoints": [{"label": lab, "given": f"runs/cpu/{lab}/final", "path": f"/abs/runs/cpu/{lab}/final",
+                             "encoding": {"max_length": 128}, "results": {n: result(k) for n in names}}
+                            for k, lab in enumerate(labels)],
+            "bootstrap": {"unit": "prompt", "resamples": 2000, "seed": 0, "level": 0.95, "interval": "percentile"}}
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_tables_fit_80_columns_without_wrapped_labels(terminal: bool) -> None:
+    """Rendered at width 80, to a terminal and to a plain file (a log): no line is longer, every
+    label and set name stands whole on its row, no cell is cut short."""
+    import io
+
+    from rich.console import Console
+
+    from rmkit.evaluate import render_report
+
+    report = _wide_report()
+    buf = io.StringIO()
+    console = Console(width=80, file=buf, force_terminal=terminal, color_system=None)
+    for part in render_report(report):
+        console.print(part)
+    lines = buf.getvalue().splitlines()
+    assert max(map(len, lines)) <= 80
+    assert "…" not in buf.getvalue()
+    words = [l.split() for l in lines]
+    for c in report["checkpoints"]:
+        label = c["label"]
+        acc_rows = [w for w in words if w[:1] == [label] and w[1:4] == ["100.0", "[100.0,", "100.0]"]]
+        assert len(acc_rows) == 5, label  # one row per set
+        if label != "grft":
+            assert all(w[4:] == ["-100.0", "[-100.0,", "-100.0]"] for w in acc_rows)
+        assert [label] + ["100.0"] * 5 in words  # its matrix row
+        assert f"{label} = {c['given']}" in lines
+    for name in report["sets"]:
+        assert [name, "1916/479"] in words and [name] in words  # the set's row in both tables
+    assert ["length", "baseline", "61.2", "[58.1,", "64.4]"] in words
+    assert ["model", "entertainment", "literature", "academy", "business", "general"] in words
+
+
+def test_matrix_only_for_two_models_on_two_sets() -> None:
+    from rmkit.evaluate import report_matrix
+
+    report = _wide_report()
+    assert report_matrix(report) is not None
+    one_set = {**report, "sets": {"general": report["sets"]["general"]}}
+    assert report_matrix(one_set) is None
+    assert report_matrix({**report, "checkpoints": report["checkpoints"][:1]}) is None
+
+
+def test_short_labels_from_meta_and_folder_names(tmp_path: Path) -> None:
+    from rmkit.evaluate import Checkpoint, Encoding, short_labels
+
+    def ckpt(path: str, kind: str = "rmkit", **meta: object) -> Checkpoint:
+        return Checkpoint(tmp_path / path, path, kind, dict(meta), Encoding("prompt+response", 64), None)
+
+    assert short_labels([ckpt("a/final", stage="grft", step=6), ckpt("b/final", stage="crft", domain="business")]) \
+        == ["grft", "crft-business"]
+    assert short_labels([ckpt("r/step-1", stage="grft", step=100), ckpt("r/step-2", stage="grft", step=200)]) \
+        == ["grft@100", "grft@200"]
+    assert short_labels([ckpt("x/final", stage="grft", step=6), ckpt("y/final", stage="grft", step=6)]) \
+        == ["grft#1", "grft#2"]
+    assert short_labels([ckpt("hub/smollm2-135m-reward", "hf"), ckpt("run/final", "hf"),
+                         ckpt("a-very-long-folder-name-indeed", "hf")]) \
+        == ["smollm2-135m-reward", "run/final", "a-very-long-folder-…"]
+
+
 # ---- the CLI -------------------------------------------------------------------------------------
 
 def test_no_data_uses_the_recipe_eval_sets_and_matches_training(trained: Path, hf_dir: Path) -> None:
@@ -274,23 +401,41 @@ def test_no_data_uses_the_recipe_eval_sets_and_matches_training(trained: Path, h
 
 
 def test_two_checkpoints_side_by_side_on_data(trained: Path, hf_dir: Path, toy_data: Path, tmp_path: Path) -> None:
+    """Two models on two sets at 80 columns: each (set, model) row whole on one line with the
+    JSON's figures, the paired difference on the second model's rows, the model x set matrix."""
     out = tmp_path / "two.json"
-    res = rmkit("eval", str(trained / "final"), str(hf_dir), "--data", f"{toy_data}:mine", "--json", str(out))
+    res = rmkit("eval", str(trained / "final"), str(hf_dir), "--data", f"{toy_data}:mine",
+                "--data", f"{toy_data}:entertainment", "--json", str(out), columns=80)
     assert res.returncode == 0, res.stderr
-    report = json.loads(out.read_text())
+    report = json.loads(out.read_text(), parse_constant=_refuse_constant)
     assert [c["kind"] for c in report["checkpoints"]] == ["rmkit", "hf"]
+    assert [c["label"] for c in report["checkpoints"]] == ["grft", hf_dir.name]  # stage from meta.json; folder name
     rm, hf = (c["results"]["mine"] for c in report["checkpoints"])
     assert rm["pairs"] == hf["pairs"] == 14 and rm["ties_skipped"] == 1
+    assert rm["prompts"] == 11 and report["sets"]["mine"]["prompts"] == 11  # every toy prompt differs
     assert (rm["truncated"], hf["truncated"]) == (1, 0)  # max_length 64 (its recipe) vs 512 (its config)
-    assert rm["length_baseline"] == hf["length_baseline"]
+    assert rm["length_baseline"] == hf["length_baseline"] and rm["length_baseline_ci"] == hf["length_baseline_ci"]
+    assert rm["diff_vs_first"] is None and hf["diff_vs_first"]["vs"] == "grft"
+    assert hf["diff_vs_first"]["value"] == pytest.approx(hf["accuracy"] - rm["accuracy"])
     assert report["checkpoints"][1]["encoding"]["style"] == "whole-text"
     assert report["sets"]["mine"]["source"]["format"] == "canonical"
+    lines = res.stdout.splitlines()
+    assert max(map(len, lines)) <= 80
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
-    want = [[c["label"], "14", pct(r["accuracy"]), pct(r["group_all_pairs_acc"]), pct(r["group_top2_acc"]),
-             f"{r['mean_margin']:+.3f}", pct(r["length_baseline"]), "1", f"{r['truncated']}/11"]
-            for c, r in zip(report["checkpoints"], (rm, hf))]
-    rows = [l.split()[-9:] for l in res.stdout.splitlines() if l.rstrip().endswith("/11")]
-    assert rows == want  # one table, a row per checkpoint, the same figures as the JSON
+    for c in report["checkpoints"]:
+        r = c["results"]["mine"]
+        want = f"  {c['label']} {pct(r['accuracy'])} [{pct(r['accuracy_ci'][0])}, {pct(r['accuracy_ci'][1])}]"
+        if r["diff_vs_first"]:
+            d = r["diff_vs_first"]
+            want += f" {100 * d['value']:+.1f} [{pct(d['lo'])}, {pct(d['hi'])}]".replace("+0.0 ", "0.0 ").replace("-0.0", "0.0")
+        assert sum(" ".join(l.split()) == " ".join(want.split()) for l in lines) == 2, want  # both sets
+        matrix_row = f"{c['label']} {pct(r['accuracy'])} {pct(c['results']['entertainment']['accuracy'])}"
+        assert matrix_row in [" ".join(l.split()) for l in lines]
+        assert f"{c['label']} = {c['given']}" in lines  # the legend
+    rows = [l.split()[-6:] for l in lines if l.startswith("  ") and l.rstrip().endswith("/11")]
+    assert rows == 2 * [[c["label"], f"{r['mean_margin']:+.3f}", pct(r["group_all_pairs_acc"]),
+                         pct(r["group_top2_acc"]), "1", f"{r['truncated']}/11"]
+                        for c, r in zip(report["checkpoints"], (rm, hf))]
 
 
 def test_score_only_writes_a_reward_per_row(hf_dir: Path, tmp_path: Path) -> None:
@@ -339,7 +484,7 @@ def _incomplete(tmp: Path, trained: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["missing", "no-safetensors", "two-labels", "incomplete", "data-missing",
-                                  "data-bad", "domain-without-data"])
+                                  "data-bad", "domain-without-data", "few-resamples"])
 def test_bad_input_exits_2_with_a_clear_message_and_no_json(case: str, trained: Path, hf_dir: Path,
                                                             toy_data: Path, tmp_path: Path) -> None:
     good = str(trained / "final")
@@ -361,6 +506,8 @@ def test_bad_input_exits_2_with_a_clear_message_and_no_json(case: str, trained: 
         bad = tmp_path / "bad.jsonl"
         bad.write_text('{"prompt": "p", "responses": ["a", "b"], "scores": [1, 0]}\n{"prompt": \n')
         args, msg = [good, "--data", str(bad)], f"error: {bad}:2: invalid JSON"
+    elif case == "few-resamples":
+        args, msg = [good, *data, "--bootstrap", "5"], "error: --bootstrap must be at least 100, got 5"
     else:
         args, msg = [good, "--domain", "business"], "error: --domain applies to --data files only"
     out = tmp_path / "report.json"

@@ -11,7 +11,8 @@ import typer
 from rmkit.errors import RmkitError
 
 HELP = (
-    "Preference accuracy of reward models on eval sets, side by side.\n\n"
+    "Preference accuracy of reward models on eval sets, side by side, each with a 95% interval "
+    "from a bootstrap over prompts and, for several models, its paired difference with the first.\n\n"
     "With no --data each checkpoint is scored on the eval sets of its own training recipe "
     "(CKPT/rmkit_recipe.yaml), resolved exactly as training resolved them. CKPT is an rmkit checkpoint "
     "(RUN/final, RUN/checkpoints/step-N) or any Hugging Face reward folder (ForSequenceClassification, "
@@ -33,6 +34,8 @@ def eval_command(
     score_only: bool = typer.Option(False, "--score-only", help='Score {"prompt","response"} rows of one --data JSONL.'),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="--score-only: JSONL to write, one reward per row."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a folder's own model code."),
+    bootstrap: int = typer.Option(2000, "--bootstrap", metavar="N", help="Bootstrap resamples of prompts for the 95% intervals."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap (same seed, same intervals)."),
 ) -> None:
     from rmkit.console import print0
 
@@ -51,14 +54,12 @@ def eval_command(
         return
     if output is not None:
         raise RmkitError("-o applies to --score-only", hint="use --json OUT to save the eval report")
-    from rich.text import Text
+    from rmkit.evaluate import render_report, run_eval
 
-    from rmkit.evaluate import report_notes, report_table, run_eval
-
-    report = run_eval(checkpoints, data, domain, batch_size, max_length, json_out, trust_remote_code)
-    print0(report_table(report))
-    for note in report_notes(report):
-        print0(Text(note, style="dim"))
+    report = run_eval(checkpoints, data, domain, batch_size, max_length, json_out, trust_remote_code,
+                      n_resamples=bootstrap, seed=seed)
+    for part in render_report(report):
+        print0(part)
     if json_out is not None:
         print0(f"report: {json_out}")
 
