@@ -1,9 +1,14 @@
 """Pairs per second: `rmkit eval`'s scoring against a plain per-text Hugging Face loop.
 
-Both sides score the same model on the same pairs, on the same device and dtype:
-- rmkit: `rmkit.evaluate.score_records` (what `rmkit eval` runs: no grad, batches grouped by
-  length, one transfer per set; rmkit checkpoints also get its prefix sharing);
-- HF loop: `AutoModelForSequenceClassification`, one `model(**tokenizer(text))` per response.
+Both sides score the same model on the same pairs, on the same device and dtype, and the same
+token ids (like for like):
+- rmkit: `rmkit.evaluate.score_records` (what `rmkit eval` runs: no grad, records sharing a
+  prompt scored together with each distinct text once, batches grouped by length, one transfer
+  per set, the shared prefix computed once);
+- HF loop: `AutoModelForSequenceClassification`, one forward per text of every pair, on the ids
+  rmkit's encoding gives that text (for a plain HF folder exactly `tokenizer(text)`; for an rmkit
+  checkpoint prompt and response encoded apart, eos appended). A side whose rewards differ from
+  the loop's by more than 1e-4 is not like for like, and its row is not reported.
 
 Default: the built-in smollm2-135m converted to a reward folder with a random head (cached under
 $RMKIT_CACHE/bench), the first 64 HH helpful pairs, max_length 256: seconds on a GPU, about three
@@ -73,26 +78,25 @@ class Positions:
         self.count += int(ids.numel())
 
 
-def hf_loop(folder: Path, records: list[Record], max_length: int, device: torch.device,
+def hf_loop(folder: Path, encoded: list[Any], device: torch.device,
             dtype: torch.dtype) -> tuple[float, list[list[float]], int]:
-    """The straightforward way: one forward per text, the tokenizer's own truncation (left)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """The straightforward way: one forward per text of every record, on the ids rmkit's
+    encoding gives it (prompt ids + response ids)."""
+    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    tok.truncation_side = "left"
     model = AutoModelForSequenceClassification.from_pretrained(str(folder), dtype=dtype).to(device).eval()
 
-    def one(text: str) -> float:
-        inputs = tok(text, truncation=True, max_length=max_length, return_tensors="pt").to(device)
-        return model(**inputs).logits[0, 0].item()
+    def one(ids: list[int]) -> float:
+        t = torch.tensor([ids], device=device)
+        return model(input_ids=t, attention_mask=torch.ones_like(t)).logits[0, 0].item()
 
     with torch.no_grad():
-        one(records[0].prompt + records[0].responses[0])  # warm-up
+        one(encoded[0].prompt_ids + encoded[0].response_ids[0])  # warm-up
         positions = Positions(model)
         t0 = time.perf_counter()
-        rewards = [[one(r.prompt + resp) for resp in r.responses] for r in records]
+        rewards = [[one(e.prompt_ids + resp) for resp in e.response_ids] for e in encoded]
         seconds = time.perf_counter() - t0
     del model
     return seconds, rewards, positions.count
@@ -148,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=None,
                     help="records per forward on the rmkit side (default: rmkit eval's, 16 on a GPU, 1 on a CPU)")
-    ap.add_argument("--data", default=os.path.join(os.environ.get("RMKIT_DATA", "../shared/data"), "helpful.json"))
+    ap.add_argument("--data", default=os.path.join(os.environ.get("RMKIT_DATA", "../shared/data"), "helpful.json"),
+                    help="PATH or PATH:DOMAIN (a DSP file as pairs of one domain)")
     ap.add_argument("--profile", action="store_true", help="profile the shared-prefix pass (torch.profiler)")
     ap.add_argument("--docs", default=str(Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"),
                     help="append results here ('' = don't)")
@@ -159,8 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     hf_logging.disable_progress_bar()
     load = os.getloadavg()[0]
     folder = reward_folder(args.model)
-    records = load_source(args.data).records[: args.pairs]
+    path, _, domain = args.data.partition(":") if not os.path.exists(args.data) else (args.data, "", "")
+    records = load_source(path, domain=domain or None).records[: args.pairs]
     pairs = sum(len(r.pairs()) for r in records)
+    data_name = f"{Path(path).name}{':' + domain if domain else ''}"
     device, dtype = default_device()
     torch.manual_seed(0)
 
@@ -180,13 +187,18 @@ def main(argv: list[str] | None = None) -> None:
                      set_result(records, encoded, ours).accuracy))
     del scorer
 
-    hf_s, theirs, hf_pos = hf_loop(folder, records, args.max_length, device, dtype)
+    hf_s, theirs, hf_pos = hf_loop(folder, encoded, device, dtype)
+    diffs = [max(abs(a - b) for ra, rb in zip(side, theirs) for a, b in zip(ra, rb)) for side in (un_r, ours)]
+    diff = max(diffs)
+    if diff > 1e-4:
+        console.print(f"[red]rmkit and the HF loop disagree by {diff:.2e} on the same ids: not like for like, "
+                      f"rows not reported[/]")
+        rows = []
     rows.insert(0, ("HF loop, one text per forward", hf_s, hf_pos, set_result(records, encoded, theirs).accuracy))
-    diff = max(abs(a - b) for ra, rb in zip(ours, theirs) for a, b in zip(ra, rb))
 
     where = f"{device.type} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), {str(dtype).removeprefix('torch.')}"
     cols = ("scorer", "seconds", "pairs/s", "speed vs HF loop", "positions computed", "positions vs HF loop", "accuracy")
-    t = Table(title=f"eval throughput: {args.model}, {pairs} HH helpful pairs, max_length {args.max_length}, {where}")
+    t = Table(title=f"eval throughput: {args.model}, {pairs} pairs of {data_name}, max_length {args.max_length}, {where}")
     for col in cols:
         t.add_column(col, justify="left" if col == "scorer" else "right")
     md = []
@@ -207,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         cmd = "python bench/eval_throughput.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         lines = [f"\n### {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — eval, {args.model}", "",
                  f"- command: `{cmd.strip()}`",
-                 f"- model: {args.model} ({folder.name}); data: the first {len(records)} HH helpful records "
+                 f"- model: {args.model} ({folder.name}); data: the first {len(records)} records of {data_name} "
                  f"({pairs} pairs), max length {args.max_length}, {where}",
                  f"- hardware: {hardware()}; 1-minute load average at start {load:.1f}",
                  f"- versions: {versions()}",

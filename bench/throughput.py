@@ -1,29 +1,39 @@
-"""Training throughput: rmkit vs TRL's RewardTrainer vs the original DSP implementation's cost.
+"""Training throughput: rmkit against what users really run, on the same records in the same order.
 
-    python bench/throughput.py                      # smollm2-135m, 32 pairs, max length 256, batch 8
-    python bench/throughput.py --pairs 8 --batch 4  # a short run
+    python bench/throughput.py                        # smollm2-135m, 32 pairs, max length 256, batch 8, 3 reps
+    python bench/throughput.py --pairs 8 --batch 4 --reps 1   # a short run
 
 Every mode trains the same model from the same weights on the same pairs (the first --pairs HH
-helpful pairs, and DSP pairs of --domain for CRFT, whose rows all fit --max-length, so no mode
-truncates or drops anything), `--batch` pairs per optimizer step, fp32, no gradient
-checkpointing, AdamW, grad clip 1.0. Each mode runs in a fresh subprocess (so peak RSS is its
-own): --warmup untimed steps, then --steps timed steps (default: one pass over the pairs in
-all; about 8 minutes for the five modes on an idle 2-core CPU).
+helpful pairs for GRFT, the first DSP --domain pairs for CRFT: a query's four pairs in a row, as
+the original code's `dsp_<domain>_pairs` files hold them; only pairs whose rows fit
+--max-length, so nothing truncates). Step k trains records k*B .. k*B+B-1 (mod the pairs) in
+every mode; --batch pairs per optimizer step, AdamW, grad clip 1.0, in the precision
+`launch.precision: auto` picks on this machine (or --precision). Each run is a fresh subprocess
+(so peak RSS is its own): --warmup untimed steps, then --steps timed steps. --reps repetitions,
+the modes' order rotated each time; the table gives the median and the min-max spread.
 
   grft/rmkit      the real `Runner.train_step` (RewardModel + losses + DeepSpeed ZeRO-0 engine,
-                  world size 1, in-process): prefix sharing chosen per micro-batch, eos pooling
-  grft/trl        trl.RewardTrainer (chosen/rejected concatenated in one forward, dynamic padding,
-                  EOS appended: the same tokens as rmkit's eos pooling)
-  grft/reference  the original DSP code's cost: rows padded to max_length, no prefix sharing, full
-                  [rows, length, vocab] LM logits and per-token cross-entropy for every row
-                  although the LM weight is 0 (plain torch AdamW)
-  crft/rmkit      Runner.train_step with the imitation loss on (target `whole`, the paper's)
-  crft/reference  as grft/reference with the LM loss weighted in
+                  world size 1, in-process): records sharing a prompt grouped (each distinct text
+                  once), prefix sharing chosen per micro-batch, eos pooling, --micro records per
+                  micro-batch with gradient accumulation
+  grft/trl        trl.RewardTrainer, gradient checkpointing off (its default, and the faster)
+  grft/trl-gc     the same with gradient checkpointing on (its memory-saving setting)
+  grft/original   the original DSP code (Linear95/DSP) as its authors run it (scripts/train.sh:
+                  micro-batch 1 with gradient accumulation, so train.py pads nothing but the pair:
+                  each pair's two rows padded to the longer; lm_logits = lm_head(hidden) for every
+                  row and position and the LM loss computed whatever its weight)
+  grft/padmax     the same cost with every row padded to max_length and all B pairs in one
+                  micro-batch (what its collator does when a micro-batch holds more than one record)
+  crft/*          as above with the imitation loss on (rmkit: target `whole`, the paper's
+                  reduction `sequence`; the original: its LM loss weighted in)
 
-pairs/s counts preference pairs trained per second; tokens/s counts the tokens of those pairs
-(prompt + response + eos, each row), the same count for every mode, so the two ratios agree.
-CPU s/step is the process's CPU time (all threads): on a shared machine it moves far less with
-other people's load than wall time, so the table gives the speed ratio both ways.
+pairs/s counts preference pairs trained per second. CPU s/step is the process's CPU time: on a
+shared machine it moves less with other load than wall time. "computed/distinct" is the token
+positions a mode runs through the decoder over the distinct tokens of its records (each prompt
+and each distinct response once: the physical floor of work). MFU = the matmul FLOPs a mode
+executes (PaLM's count: 6 N + 12 n_layer d T per position for a row of T positions, N the
+decoder's matmul parameters, plus 6 V d per position that goes through the LM head) per second,
+over this machine's measured matmul rate at the precision used (`--roofline` prints it).
 Results print as a table and are appended to docs/benchmarks.md.
 """
 
@@ -36,6 +46,7 @@ import os
 import platform
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,9 +58,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 DATA = Path(os.environ.get("RMKIT_DATA", REPO.parent / "shared" / "data"))
-MODES = ("grft/rmkit", "grft/trl", "grft/reference", "crft/rmkit", "crft/reference")
-COLUMNS = ("mode", "pairs/s", "tokens/s", "s/step", "CPU s/step", "peak RSS MB", "vs", "speed (wall)",
-           "speed (CPU time)", "peak memory")
+MODES = ("grft/rmkit", "grft/trl", "grft/trl-gc", "grft/original", "grft/padmax",
+         "crft/rmkit", "crft/original", "crft/padmax")
+BASELINE = {"grft/rmkit": "grft/trl", "grft/trl-gc": "grft/trl", "grft/original": "grft/trl",
+            "grft/padmax": "grft/trl", "crft/rmkit": "crft/original", "crft/padmax": "crft/original"}
 LR = 1e-5
 
 
@@ -75,15 +87,51 @@ def select_pairs(stage: str, tokenizer: Any, n: int, max_length: int, domain: st
     raise SystemExit(f"only {len(out)} pairs of {path} fit max_length {max_length}; lower --pairs")
 
 
-def pair_tokens(records: list[Any], tokenizer: Any, max_length: int) -> list[int]:
-    from rmkit.data.collate import encode_record
+def step_ids(step: int, batch: int, n: int) -> list[int]:
+    """The records of optimizer step `step`, the same in every mode."""
+    return [(step * batch + i) % n for i in range(batch)]
 
-    return [sum(encode_record(r, tokenizer, max_length, "left", append_eos=True).row_lengths()) for r in records]
+
+def work(mode: str, encoded: list[Any], spec: dict[str, Any]) -> dict[str, float]:
+    """Positions and rows each mode runs through the decoder in the timed steps, from the rows'
+    lengths (rmkit's are counted from its real batches instead), and the distinct tokens."""
+    impl = mode.split("/")[1]
+    n, b, ml = len(encoded), spec["batch"], spec["max_length"]
+    positions = square = 0.0
+    distinct = 0
+    for step in range(spec["warmup"], spec["warmup"] + spec["steps"]):
+        encs = [encoded[i] for i in step_ids(step, b, n)]
+        prompts = {tuple(e.prompt_ids) for e in encs}
+        texts = {(tuple(e.prompt_ids), tuple(r)) for e in encs for r in e.response_ids}
+        distinct += sum(len(q) for q in prompts) + sum(len(r) for _, r in texts)
+        if impl.startswith("trl"):  # chosen and rejected concatenated, padded to the batch's longest
+            width = max(max(e.row_lengths()) for e in encs)
+            positions += 2 * b * width
+            square += 2 * b * width ** 2
+        elif impl == "original":  # micro-batch 1: each pair padded to its longer row
+            for e in encs:
+                positions += 2 * max(e.row_lengths())
+                square += 2 * max(e.row_lengths()) ** 2
+        elif impl == "padmax":
+            positions += 2 * b * ml
+            square += 2 * b * ml ** 2
+    return {"positions": positions, "square": square, "distinct": float(distinct)}
 
 
 # ---- workers: one mode each, in its own process ----------------------------------------------------
 
+def autocast(precision: str) -> Any:
+    import contextlib
+
+    import torch
+
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def worker_rmkit(spec: dict[str, Any], imitation_weight: float) -> dict[str, Any]:
+    import rmkit.train.loop as loop
     from rmkit.recipe import Recipe
     from rmkit.train.launch import free_port
     from rmkit.train.rundir import plan_run, write_run_dir
@@ -96,19 +144,33 @@ def worker_rmkit(spec: dict[str, Any], imitation_weight: float) -> dict[str, Any
         "stage": "grft", "model": {"path": spec["model"], "pooling": "eos"},
         "data": {"train": [{"path": spec["data"], "format": "canonical"}], "max_length": spec["max_length"],
                  "padding_side": "right", "prefix_sharing": spec["prefix_sharing"]},
-        "loss": {"imitation_weight": imitation_weight, "imitation_target": "whole"},
-        "train": {"lr": LR, "schedule": "constant", "global_batch": spec["batch"], "micro_batch": spec["batch"],
+        "loss": {"imitation_weight": imitation_weight, "imitation_target": "whole",
+                 "imitation_reduction": "sequence"},
+        "train": {"lr": LR, "schedule": "constant", "global_batch": spec["batch"], "micro_batch": spec["micro"],
                   "max_steps": spec["warmup"] + spec["steps"], "seed": 0, "output_dir": spec["tmp"] + "/run"},
-        "launch": {"deepspeed": "zero0", "gpus": 1, "precision": "fp32"},
+        "launch": {"deepspeed": "zero0", "gpus": 1, "precision": spec["precision"]},
     })
     plan = plan_run(recipe)
     write_run_dir(recipe, plan)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from rmkit.train.loop import Runner
+    counted = {"positions": 0.0, "square": 0.0, "lm": 0.0, "on": False}
+    real_collate = loop.collate
 
-    runner = Runner(plan.run_dir, resume=False)
+    def counting_collate(*a: Any, **k: Any) -> Any:
+        batch = real_collate(*a, **k)
+        if counted["on"]:
+            rows, width = batch.input_ids.shape
+            counted["positions"] += rows * width
+            counted["square"] += rows * width ** 2
+            counted["lm"] += batch.n_lm_targets
+        return batch
+
+    n = len(Path(spec["data"]).read_text().splitlines())
+    loop.collate = counting_collate
+    loop.step_records = lambda step, n_, batch, seed, groups=None: step_ids(step, batch, n)  # the shared order
+    runner = loop.Runner(plan.run_dir, resume=False)
     import torch
 
     torch.set_num_threads(spec["threads"])  # the Runner takes all cores; every mode gets the same
@@ -118,16 +180,19 @@ def worker_rmkit(spec: dict[str, Any], imitation_weight: float) -> dict[str, Any
         runner.model.base_model.compile(dynamic=True)  # in place: parameter names unchanged
     for step in range(spec["warmup"]):
         runner.train_step(step)
+    counted["on"] = True
     t0, c0 = time.perf_counter(), time.process_time()
     pairs = 0
     for step in range(spec["warmup"], spec["warmup"] + spec["steps"]):
         pairs += runner.train_step(step)["pairs"]
-    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "pairs": pairs}
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "pairs": pairs,
+            "positions": counted["positions"], "square": counted["square"], "lm_positions": counted["lm"]}
 
 
-def worker_trl(spec: dict[str, Any]) -> dict[str, Any]:
+def worker_trl(spec: dict[str, Any], checkpointing: bool) -> dict[str, Any]:
     import torch
     from datasets import Dataset
+    from torch.utils.data import SequentialSampler
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from transformers.utils import logging as hf_logging
     from trl import RewardConfig, RewardTrainer
@@ -142,16 +207,19 @@ def worker_trl(spec: dict[str, Any]) -> dict[str, Any]:
     model = AutoModelForSequenceClassification.from_pretrained(spec["model"], num_labels=1, dtype=torch.float32,
                                                                attn_implementation="sdpa")
     model.config.pad_token_id = tok.pad_token_id
+    records = read_records(Path(spec["data"]))
     rows = []
-    for r in read_records(Path(spec["data"])):
-        best, worst = (0, 1) if r.scores[0] > r.scores[1] else (1, 0)
-        rows.append({"prompt": r.prompt, "chosen": r.responses[best], "rejected": r.responses[worst]})
+    for step in range(spec["warmup"] + spec["steps"]):  # the shared order, laid out for a sequential sampler
+        for i in step_ids(step, spec["batch"], len(records)):
+            r = records[i]
+            best, worst = (0, 1) if r.scores[0] > r.scores[1] else (1, 0)
+            rows.append({"prompt": r.prompt, "chosen": r.responses[best], "rejected": r.responses[worst]})
     args = RewardConfig(output_dir=spec["tmp"] + "/trl", per_device_train_batch_size=spec["batch"],
                         max_steps=spec["warmup"] + spec["steps"], learning_rate=LR, lr_scheduler_type="constant",
-                        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=False, fp16=False,
-                        gradient_checkpointing=False, max_length=spec["max_length"], logging_steps=10**6,
-                        save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0,
-                        disable_tqdm=True)
+                        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=spec["precision"] == "bf16",
+                        fp16=False, gradient_checkpointing=checkpointing, max_length=spec["max_length"],
+                        logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True,
+                        dataloader_num_workers=0, seed=0, disable_tqdm=True)
     stamps: list[tuple[float, float]] = []
 
     class Clock(TrainerCallback):
@@ -160,6 +228,7 @@ def worker_trl(spec: dict[str, Any]) -> dict[str, Any]:
 
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                             callbacks=[Clock()])
+    trainer._get_train_sampler = lambda *a, **k: SequentialSampler(trainer.train_dataset)
     kept = len(trainer.train_dataset)
     if kept != len(rows):
         raise SystemExit(f"TRL dropped {len(rows) - kept} pairs longer than max_length")
@@ -169,12 +238,14 @@ def worker_trl(spec: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": t1 - t0, "cpu_seconds": c1 - c0, "pairs": spec["steps"] * spec["batch"]}
 
 
-def worker_reference(spec: dict[str, Any], imitation_weight: float) -> dict[str, Any]:
-    """The cost model of the original DSP code (Linear95/DSP: model.py, trainer.py,
-    reward_datasets.py), rewritten: every row padded to max_length (its collator pads to
-    model_max_length whenever the batch has more than one record), lm_logits = lm_head(hidden)
-    for every row and position, the LM loss = per-token cross-entropy over all of them, masked
-    to the preferred rows afterwards, added with its weight (0 in GRFT: still computed)."""
+def worker_original(spec: dict[str, Any], imitation_weight: float, pad_to_max: bool) -> dict[str, Any]:
+    """The original DSP code's computation (Linear95/DSP: model.py, trainer.py,
+    reward_datasets.py), rewritten on the same model: rows = bos + prompt + response + eos,
+    lm_logits = lm_head(hidden) for every row and position, ranking loss, then the LM loss (per
+    row mean NLL over the attention mask, averaged over rows scored above 0.85) added with its
+    weight. As shipped (scripts/train.sh): one pair per micro-batch, each pair padded to its
+    longer row, gradients accumulated over the batch. pad_to_max: all pairs in one micro-batch,
+    every row padded to max_length."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoTokenizer
@@ -192,14 +263,15 @@ def worker_reference(spec: dict[str, Any], imitation_weight: float) -> dict[str,
     model = RewardModel.from_pretrained(spec["model"], pooling="eos").train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     records = read_records(Path(spec["data"]))
-    length = spec["max_length"]
+    max_length = spec["max_length"]
 
     def rows_of(recs: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ids = torch.full((2 * len(recs), length), pad, dtype=torch.long)
+        encs = [encode_record(r, tok, max_length, "left", append_eos=True) for r in recs]
+        width = max_length if pad_to_max else max(max(e.row_lengths()) for e in encs)
+        ids = torch.full((2 * len(recs), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         scores = torch.zeros(2 * len(recs))
-        for i, r in enumerate(recs):
-            enc = encode_record(r, tok, length, "left", append_eos=True)
+        for i, (r, enc) in enumerate(zip(recs, encs)):
             best = 0 if r.scores[0] > r.scores[1] else 1
             for j, resp in enumerate((enc.response_ids[best], enc.response_ids[1 - best])):
                 row = enc.prompt_ids + resp
@@ -208,24 +280,30 @@ def worker_reference(spec: dict[str, Any], imitation_weight: float) -> dict[str,
                 scores[2 * i + j] = 1.0 if j == 0 else 0.0
         return ids, mask, scores
 
-    def step(k: int) -> None:
-        n = spec["batch"]
-        recs = [records[(k * n + i) % len(records)] for i in range(n)]
+    def micro(recs: list[Any], scale: float) -> None:
         ids, mask, scores = rows_of(recs)
-        hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        lm_logits = model.lm_head(hidden)  # [rows, length, vocab], whatever the LM weight
-        last = mask.sum(1) - 1
-        rewards = model.score(hidden[torch.arange(ids.shape[0]), last]).squeeze(-1)
+        with autocast(spec["precision"]):
+            hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            lm_logits = model.lm_head(hidden)  # [rows, length, vocab], whatever the LM weight
+            last = mask.sum(1) - 1
+            rewards = model.score(hidden[torch.arange(ids.shape[0]), last]).squeeze(-1).float()
         rank = -F.logsigmoid(rewards[0::2] - rewards[1::2]).mean()
         vocab = lm_logits.shape[-1]
-        per_token = F.cross_entropy(lm_logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1),
+        per_token = F.cross_entropy(lm_logits[:, :-1].float().reshape(-1, vocab), ids[:, 1:].reshape(-1),
                                     reduction="none").view(ids.shape[0], -1)
         m = mask[:, 1:].float()
         per_row = (per_token * m).sum(-1) / m.sum(-1)
-        keep = (scores > 0.9).float()
+        keep = (scores > 0.85).float()
         lm = (per_row * keep).sum() / (keep.sum() + 1e-7)
-        loss = rank + imitation_weight * lm
-        loss.backward()
+        ((rank + imitation_weight * lm) * scale).backward()
+
+    def step(k: int) -> None:
+        recs = [records[i] for i in step_ids(k, spec["batch"], len(records))]
+        if pad_to_max:
+            micro(recs, 1.0)
+        else:
+            for r in recs:
+                micro([r], 1.0 / len(recs))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -244,17 +322,19 @@ def run_worker(mode: str, spec: dict[str, Any]) -> dict[str, Any]:
     weight = spec["imitation_weight"] if stage == "crft" else 0.0
     if impl == "rmkit":
         res = worker_rmkit(spec, weight)
-    elif impl == "trl":
-        res = worker_trl(spec)
+    elif impl.startswith("trl"):
+        res = worker_trl(spec, checkpointing=impl == "trl-gc")
     else:
-        res = worker_reference(spec, weight)
+        res = worker_original(spec, weight, pad_to_max=impl == "padmax")
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return res
 
 
-# ---- the driver -----------------------------------------------------------------------------------
+# ---- the machine ----------------------------------------------------------------------------------
 
 def hardware() -> str:
+    from rmkit.hardware import cpu_flags
+
     model, cores = platform.processor() or "unknown CPU", os.cpu_count()
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -263,7 +343,46 @@ def hardware() -> str:
                 model = line.split(":", 1)[1].strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return f"{model}, {cores} cores"
+    flags = cpu_flags()
+    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model}, {cores} cores, flags: {' '.join(simd) or 'none of avx2/avx512/amx'}"
+
+
+def matmul_rate(dtype_name: str, threads: int, n: int = 1024, reps: int = 3) -> float:
+    """The best of `reps` n^3 matmuls, in FLOP/s (2 n^3 each): the roofline's compute ceiling
+    (1024^3 is already at the plateau on a CPU, and bf16 without AMX needs seconds per call)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def model_shape(model_dir: Path) -> dict[str, float]:
+    """N (decoder matmul parameters), n_layer, d, V: what the FLOP count needs."""
+    config = json.loads((model_dir / "config.json").read_text())
+    d, layers = config["hidden_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads", heads)
+    head_dim = config.get("head_dim", d // heads)
+    ffn = config["intermediate_size"]
+    per_layer = d * heads * head_dim * 2 + d * kv * head_dim * 2 + 3 * d * ffn
+    return {"N": float(per_layer * layers), "layers": float(layers), "d": float(d), "V": float(config["vocab_size"])}
+
+
+def flops(res: dict[str, Any], mode: str, shape: dict[str, float], lm_all: bool) -> float:
+    """Matmul FLOPs executed: 6 N per position + 12 n_layer d T per position of a T-long row
+    (sum of T^2 over rows), plus 6 V d per position through the LM head."""
+    core = 6 * shape["N"] * res["positions"] + 12 * shape["layers"] * shape["d"] * res["square"]
+    head = res["positions"] if lm_all else res.get("lm_positions", 0.0)
+    return core + 6 * shape["V"] * shape["d"] * head
 
 
 def versions() -> str:
@@ -278,23 +397,35 @@ def versions() -> str:
     return ", ".join(parts)
 
 
+# ---- the driver -----------------------------------------------------------------------------------
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="built-in name or model folder")
     p.add_argument("--pairs", type=int, default=32, help="data slice: pairs per stage")
     p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8, help="pairs per optimizer step (one micro-batch)")
+    p.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
+    p.add_argument("--micro", type=int, default=4,
+                   help="rmkit: records per micro-batch (a DSP query's 4 pairs; on a CPU the speed barely "
+                        "depends on it, the memory does)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (at least 1)")
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps (default: one pass over the pairs, less the warmup steps)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions of every mode, order rotated")
     p.add_argument("--imitation-weight", type=float, default=1.0, help="CRFT's LM loss weight")
     p.add_argument("--domain", default="business", help="DSP domain for CRFT")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="every mode's precision (auto: what rmkit picks on this machine)")
     p.add_argument("--no-prefix-sharing", action="store_true", help="rmkit modes without prefix sharing")
     p.add_argument("--compile", action="store_true",
                    help="rmkit modes with torch.compile(dynamic=True) on the decoder (an experiment; rmkit does not compile)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--timeout", type=int, default=1800, help="seconds per mode")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks.md"), help="append results here ('' = don't)")
     p.add_argument("--note", default="", help="a line to write with the results (e.g. 'preliminary')")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -302,6 +433,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.warmup < 1:
         p.error("--warmup must be at least 1 (TRL's step clock starts at the end of a step)")
+    if args.batch % args.micro:
+        p.error(f"--batch {args.batch} is not a multiple of --micro {args.micro}")
 
     if args.worker:
         spec = json.loads(Path(args.spec).read_text())
@@ -313,93 +446,119 @@ def main(argv: list[str] | None = None) -> None:
     from rich.table import Table
     from transformers import AutoTokenizer
 
+    from rmkit.data.collate import encode_record
     from rmkit.data.records import write_records
+    from rmkit.hardware import resolve_precision
     from rmkit.models import resolve_model
 
-    console = Console(width=150)
+    console = Console(width=160)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise SystemExit(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
+    precision, why = resolve_precision(args.precision, on_gpu=False)
     model = resolve_model(args.model)
     tok = AutoTokenizer.from_pretrained(model)
+    shape = model_shape(model)
     steps = args.steps or max(1, args.pairs // args.batch - args.warmup)
     load = os.getloadavg()[0]
-    results: dict[str, dict[str, Any]] = {}
+    rate = {name: matmul_rate(name, args.threads) for name in ("fp32", "bf16")}
+    console.print(f"matmul rate (1024^3, {args.threads} threads): fp32 {rate['fp32'] / 1e9:.1f} GFLOP/s, "
+                  f"bf16 {rate['bf16'] / 1e9:.1f} GFLOP/s; precision {precision} ({why})")
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="rmkit-bench-") as tmp:
         data: dict[str, Path] = {}
-        mean_tokens: dict[str, float] = {}
+        encoded: dict[str, list[Any]] = {}
         for stage in sorted({m.split("/")[0] for m in modes}):
             recs = select_pairs(stage, tok, args.pairs, args.max_length, args.domain)
             data[stage] = Path(tmp) / f"{stage}.jsonl"
             write_records(data[stage], recs)
-            toks = pair_tokens(recs, tok, args.max_length)
-            mean_tokens[stage] = sum(toks) / len(toks)
-        for mode in modes:
-            stage = mode.split("/")[0]
-            spec = {"model": str(model), "data": str(data[stage]), "max_length": args.max_length,
-                    "batch": args.batch, "warmup": args.warmup, "steps": steps, "threads": args.threads,
-                    "imitation_weight": args.imitation_weight, "prefix_sharing": not args.no_prefix_sharing,
-                    "compile": args.compile,
-                    "tmp": tempfile.mkdtemp(dir=tmp), "result": str(Path(tmp) / f"{mode.replace('/', '-')}.json")}
-            spec_path = Path(spec["tmp"]) / "spec.json"
-            spec_path.write_text(json.dumps(spec))
-            console.print(f"[bold]{mode}[/]: {args.warmup} warmup + {steps} timed steps of {args.batch} pairs ...")
-            t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, __file__, "--worker", mode, "--spec", str(spec_path)],
-                                  capture_output=True, text=True, timeout=args.timeout,
-                                  env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-            if proc.returncode != 0:
-                how = (f"killed by signal {-proc.returncode} (SIGKILL is usually the kernel's OOM killer: "
-                       f"check `free -g` and /dev/shm)" if proc.returncode < 0 else f"exit code {proc.returncode}")
-                console.print(f"[red]{mode} failed: {how}[/]\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-                continue
-            res = json.loads(Path(spec["result"]).read_text())
-            res["pairs_per_s"] = res["pairs"] / res["seconds"]
-            res["pairs_per_cpu_s"] = res["pairs"] / res["cpu_seconds"]
-            res["tokens_per_s"] = res["pairs_per_s"] * mean_tokens[stage]
-            res["wall"] = time.perf_counter() - t0
-            results[mode] = res
+            encoded[stage] = [encode_record(r, tok, args.max_length, "left", append_eos=True) for r in recs]
+        for rep in range(args.reps):
+            for mode in modes[rep % len(modes):] + modes[:rep % len(modes)]:
+                stage = mode.split("/")[0]
+                spec = {"model": str(model), "data": str(data[stage]), "max_length": args.max_length,
+                        "batch": args.batch, "micro": args.micro, "warmup": args.warmup, "steps": steps,
+                        "threads": args.threads, "imitation_weight": args.imitation_weight,
+                        "prefix_sharing": not args.no_prefix_sharing, "compile": args.compile,
+                        "precision": precision, "tmp": tempfile.mkdtemp(dir=tmp),
+                        "result": str(Path(tmp) / f"{mode.replace('/', '-')}-{rep}.json")}
+                spec_path = Path(spec["tmp"]) / "spec.json"
+                spec_path.write_text(json.dumps(spec))
+                console.print(f"[bold]{mode}[/] (rep {rep + 1}/{args.reps}): {args.warmup} warmup + {steps} timed "
+                              f"steps of {args.batch} pairs ...")
+                proc = subprocess.run([sys.executable, __file__, "--worker", mode, "--spec", str(spec_path)],
+                                      capture_output=True, text=True, timeout=args.timeout,
+                                      env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+                if proc.returncode != 0:
+                    how = (f"killed by signal {-proc.returncode} (SIGKILL is usually the kernel's OOM killer: "
+                           f"check `free -g` and /dev/shm)" if proc.returncode < 0 else f"exit code {proc.returncode}")
+                    console.print(f"[red]{mode} failed: {how}[/]\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+                    failed.append(mode)
+                    continue
+                res = json.loads(Path(spec["result"]).read_text())
+                counts = work(mode, encoded[stage], spec)
+                for k, v in counts.items():
+                    res.setdefault(k, v)
+                res["distinct"] = counts["distinct"]
+                runs[mode].append(res)
 
-    baseline = {"grft/rmkit": "grft/trl", "grft/reference": "grft/trl", "crft/rmkit": "crft/reference"}
+    columns = ("mode", "pairs/s median [min, max]", "CPU s/step", "peak RSS MB", "computed/distinct", "MFU",
+               "vs", "speed", "CPU-time speed", "peak memory")
     table = Table(title=f"training throughput: {args.model}, {args.pairs} pairs, max length {args.max_length}, "
-                        f"batch {args.batch}, {steps} timed steps")
-    for col in COLUMNS:
+                        f"batch {args.batch}, {steps} timed steps, {precision}, {args.reps} reps")
+    for col in columns:
         table.add_column(col, justify="left" if col in ("mode", "vs") else "right")
+    summary: dict[str, dict[str, float]] = {}
+    for mode, rs in runs.items():
+        if not rs:
+            continue
+        med = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
+        impl = mode.split("/")[1]
+        mfu = statistics.median(flops(r, mode, shape, lm_all=impl in ("original", "padmax")) / r["seconds"]
+                                for r in rs) / rate[precision]
+        summary[mode] = {"pairs_per_s": statistics.median(r["pairs"] / r["seconds"] for r in rs),
+                         "pairs_per_cpu_s": statistics.median(r["pairs"] / r["cpu_seconds"] for r in rs),
+                         "peak_rss_mb": med("peak_rss_mb"), "cpu_per_step": med("cpu_seconds") / steps,
+                         "ratio": med("positions") / med("distinct"), "mfu": mfu,
+                         "spread": spread([r["pairs"] / r["seconds"] for r in rs])}
     md_rows = []
-    for mode, res in results.items():
-        base = results.get(baseline.get(mode, ""))
+    for mode, s in summary.items():
+        base = summary.get(BASELINE.get(mode, ""))
         ratios = ["", "", ""]
         if base:
-            ratios = [f"{res['pairs_per_s'] / base['pairs_per_s']:.2f}x",
-                      f"{res['pairs_per_cpu_s'] / base['pairs_per_cpu_s']:.2f}x",
-                      f"{res['peak_rss_mb'] / base['peak_rss_mb']:.2f}x"]
-        cells = [mode, f"{res['pairs_per_s']:.3f}", f"{res['tokens_per_s']:.1f}", f"{res['seconds'] / steps:.2f}",
-                 f"{res['cpu_seconds'] / steps:.2f}", f"{res['peak_rss_mb']:.0f}", baseline.get(mode, "") if base else "",
-                 *ratios]
+            ratios = [f"{s['pairs_per_s'] / base['pairs_per_s']:.2f}x",
+                      f"{s['pairs_per_cpu_s'] / base['pairs_per_cpu_s']:.2f}x",
+                      f"{s['peak_rss_mb'] / base['peak_rss_mb']:.2f}x"]
+        cells = [mode, s["spread"], f"{s['cpu_per_step']:.2f}", f"{s['peak_rss_mb']:.0f}", f"{s['ratio']:.2f}",
+                 f"{100 * s['mfu']:.0f}%", BASELINE.get(mode, "") if base else "", *ratios]
         table.add_row(*cells)
         md_rows.append("| " + " | ".join(cells) + " |")
     console.print(table)
-
-    failed = [m for m in modes if m not in results]
     if failed:
-        console.print(f"[red]not written to {args.docs or 'docs'}: {', '.join(failed)} failed[/]")
+        console.print(f"[red]not written to {args.docs or 'docs'}: {', '.join(sorted(set(failed)))} failed[/]")
         sys.exit(1)
     if args.docs:
         cmd = "python bench/throughput.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         lines = [
-            f"\n### {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — {args.model}",
+            f"\n### {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — {args.model}, same records in the same order",
             "",
             f"- command: `{cmd.strip()}`",
-            f"- model: {args.model} ({model.name}); data: HH helpful (GRFT) and DSP {args.domain} pairs (CRFT), "
-            f"{args.pairs} pairs each, max length {args.max_length}, batch {args.batch} pairs, {args.warmup} warmup + "
-            f"{steps} timed steps, fp32, imitation weight {args.imitation_weight} (CRFT)",
-            f"- hardware: {hardware()}; 1-minute load average at start {load:.1f}",
+            f"- data: HH helpful (GRFT) and DSP {args.domain} pairs (CRFT), {args.pairs} pairs each, max length "
+            f"{args.max_length}; batch {args.batch} pairs (rmkit micro-batch {args.micro} records), {args.warmup} "
+            f"warmup + {steps} timed steps, {args.reps} repetitions (median [min, max]); imitation weight "
+            f"{args.imitation_weight} (CRFT)",
+            f"- precision {precision}: {why}",
+            f"- hardware: {hardware()}; matmul rate fp32 {rate['fp32'] / 1e9:.1f} GFLOP/s, bf16 "
+            f"{rate['bf16'] / 1e9:.1f} GFLOP/s; 1-minute load average at start {load:.1f}",
+            f"- model FLOPs: N = {shape['N'] / 1e6:.1f}M decoder matmul parameters, {int(shape['layers'])} layers, "
+            f"d {int(shape['d'])}, V {int(shape['V'])}",
             f"- versions: {versions()}",
         ]
         if args.note:
             lines.append(f"- note: {args.note}")
-        lines += ["", "| " + " | ".join(COLUMNS) + " |",
+        lines += ["", "| " + " | ".join(columns) + " |",
                   "|---|" + "---:|" * 5 + "---|" + "---:|" * 3, *md_rows, ""]
         docs = Path(args.docs)
         docs.parent.mkdir(parents=True, exist_ok=True)

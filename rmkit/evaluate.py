@@ -13,7 +13,8 @@ Two kinds of model folder are accepted, and each is read the way it was made:
 Everything the user can get wrong (folders, recipe, data files) is checked before any model is
 loaded, and the JSON report is written atomically at the very end: a bad input leaves no file.
 Scoring goes through `rmkit.score.score_shard` (the scorer training uses): no gradients, batches
-grouped by length, one device->host transfer per set, bf16 on GPU and fp32 on CPU.
+grouped by length, one device->host transfer per set, records sharing a prompt scored together
+with each distinct text once; bf16 on GPU, and on CPU what `launch.precision: auto` picks.
 """
 
 from __future__ import annotations
@@ -380,12 +381,16 @@ def default_batch_size(device: "torch.device") -> int:
 
 
 def default_device() -> tuple["torch.device", "torch.dtype"]:
-    """The first GPU in bf16 when there is one, else the CPU in fp32 (bf16 is slow on most CPUs)."""
+    """The first GPU in bf16 when there is one, else the CPU in the precision training's
+    `launch.precision: auto` picks there (bf16 with AMX, fp32 without: `rmkit.hardware`)."""
     import torch
+
+    from rmkit.hardware import resolve_precision
 
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
-    return torch.device("cpu"), torch.float32
+    precision, _ = resolve_precision("auto", on_gpu=False)
+    return torch.device("cpu"), torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def load_scorer(ckpt: Checkpoint, device: "torch.device | None" = None, dtype: "torch.dtype | None" = None,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from rmkit.hardware import cpu_flags, resolve_precision
 
 
@@ -22,3 +24,17 @@ def test_auto_precision_by_hardware() -> None:
     assert p == "fp32" and why == "auto: CPU without AMX (it has avx512_bf16, but no AMX tiles): bf16 would run slower than fp32"
     assert resolve_precision("auto", on_gpu=False, flags={"avx2"})[0] == "fp32"
     assert resolve_precision("bf16", on_gpu=False, flags={"avx2"}) == ("bf16", "set in the recipe (launch.precision)")
+
+
+def test_eval_chooses_like_training(monkeypatch) -> None:
+    import torch
+
+    import rmkit.hardware as hardware
+    from rmkit.evaluate import default_device
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine scores in bf16 on the GPU")
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+    assert default_device() == (torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2"})
+    assert default_device() == (torch.device("cpu"), torch.float32)
