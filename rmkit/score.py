@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from rmkit.data.collate import EncodedRecord, collate, packing_pays
+from rmkit.data.records import strict_pairs, tied_pairs
 
 
 @dataclass
@@ -61,17 +62,14 @@ def tally(result: SetResult, enc: EncodedRecord, rewards: list[float], char_leng
     result.records += 1
     result.truncated += int(enc.truncated)
     all_ok = True
-    for i in range(n):
-        for j in range(n):
-            if scores[i] > scores[j]:
-                result.pairs += 1
-                ok = rewards[i] > rewards[j]
-                result.correct += int(ok)
-                all_ok &= ok
-                result.margin_sum += rewards[i] - rewards[j]
-                result.length_correct += int(char_lengths[i] > char_lengths[j])
-            elif i < j and scores[i] == scores[j]:
-                result.ties_skipped += 1
+    for i, j in strict_pairs(scores):
+        result.pairs += 1
+        ok = rewards[i] > rewards[j]
+        result.correct += int(ok)
+        all_ok &= ok
+        result.margin_sum += rewards[i] - rewards[j]
+        result.length_correct += int(char_lengths[i] > char_lengths[j])
+    result.ties_skipped += len(tied_pairs(scores))
     if n > 2:
         result.groups += 1
         result.groups_all_correct += int(all_ok)

@@ -232,3 +232,33 @@ def test_bad_inputs_in_process(tmp_path: Path) -> None:
         load_source(_dump(tmp_path / "n.json", [{"text": ["a", "b"], "score": [1]}]))
     with pytest.raises(RmkitError, match="--listwise applies to DSP data only"):
         load_source(_dump(tmp_path / "t.json", [{"text": ["a", "b"], "score": [1, 0]}]), listwise=True)
+
+
+# --------------------------------------------------------------------------- pairs and ties
+
+
+def test_pairs_and_ties_one_rule_everywhere() -> None:
+    """strict_pairs / tied_pairs are the rule; the readers' drop, `rmkit data stats` and eval's
+    tally all count with it. Scores (2, 1, 1, 0): 5 ordered pairs, 1 tie (responses 1 and 2)."""
+    from rmkit.data.collate import EncodedRecord
+    from rmkit.data.records import strict_pairs, tied_pairs
+    from rmkit.data.stats import compute_stats
+    from rmkit.score import SetResult, tally
+
+    scores = (2.0, 1.0, 1.0, 0.0)
+    assert strict_pairs(scores) == [(0, 1), (0, 2), (0, 3), (1, 3), (2, 3)]
+    assert tied_pairs(scores) == [(1, 2)]
+    assert strict_pairs((1.0, 1.0)) == [] and tied_pairs((1.0, 1.0, 1.0)) == [(0, 1), (0, 2), (1, 2)]
+    assert strict_pairs((0.0, 3.0)) == [(1, 0)] and tied_pairs((0.0, 3.0)) == []
+    rec = Record("p", ("a", "bb", "c", "dddd"), scores)
+    assert rec.pairs() == strict_pairs(scores)
+    stats = compute_stats([rec])
+    assert (stats["pairs"], stats["ties"]) == (5, 1)
+    # longer preferred: a>bb no, a>c no (equal), a>dddd no, bb>dddd no, c>dddd no
+    assert stats["longer_preferred"] == 0.0 and stats["same_length_pairs"] == 1
+    result = SetResult()
+    tally(result, EncodedRecord([1], [[2], [3], [4], [5]], scores), [0.5, 0.7, 0.1, 0.0], [1, 2, 1, 4])
+    assert (result.pairs, result.ties_skipped, result.correct) == (5, 1, 4)  # only 0 > 1 is wrong
+    assert result.margin_sum == pytest.approx(-0.2 + 0.4 + 0.5 + 0.7 + 0.1)
+    assert readers.check_group(["a", "b"], [1.0, 1.0]) == readers.TIES
+    assert readers.check_group(["a", "b", "c"], [1.0, 1.0, 0.0]) is None

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from rmkit.data.records import Record
+from rmkit.data.records import Record, strict_pairs
 from rmkit.errors import RmkitError
 
 FORMATS = ("dsp", "text-score", "chosen-rejected", "canonical")
@@ -207,7 +207,7 @@ def check_group(responses: list[str], scores: list[float]) -> str | None:
         for j in range(i + 1, len(responses)):
             if responses[i] == responses[j] and scores[i] != scores[j]:
                 return IDENTICAL
-    if len(set(scores)) < 2:
+    if not strict_pairs(scores):
         return TIES
     return None
 

@@ -20,10 +20,18 @@ DSP_KEYS = DOMAINS + ("normal",)
 
 
 def strict_pairs(scores: Sequence[float]) -> list[tuple[int, int]]:
-    """Every ordered (better, worse) index pair with scores[better] > scores[worse]: the one
-    place the pair rule is written (training, eval, stats and grouping all call it)."""
+    """Every ordered (better, worse) index pair with scores[better] > scores[worse], better
+    ascending then worse ascending: the one place the pair rule is written (collation, scoring,
+    stats and the readers' drop rule all call it, so every count of "pairs" agrees)."""
     n = len(scores)
     return [(a, b) for a in range(n) for b in range(n) if scores[a] > scores[b]]
+
+
+def tied_pairs(scores: Sequence[float]) -> list[tuple[int, int]]:
+    """Every unordered index pair (i < j) with equal scores: the pairs a tie removes, counted
+    once each (eval's `ties_skipped` and `rmkit data stats` report this number)."""
+    n = len(scores)
+    return [(a, b) for a in range(n) for b in range(a + 1, n) if scores[a] == scores[b]]
 
 
 def preferred_index(scores: Sequence[float]) -> int | None:

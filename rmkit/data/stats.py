@@ -11,7 +11,7 @@ import math
 import os
 from typing import Any, Protocol
 
-from rmkit.data.records import Record
+from rmkit.data.records import Record, tied_pairs
 from rmkit.errors import RmkitError
 
 PERCENTILES = (50, 90, 99)
@@ -45,8 +45,7 @@ def compute_stats(records: list[Record], tokenizer: Tokenizer | None = None) -> 
     per_record = [len(r.responses) for r in records]
     pairs = longer = same_length = ties = 0
     for r in records:
-        n = len(r.responses)
-        ties += sum(r.scores[i] == r.scores[j] for i in range(n) for j in range(i + 1, n))
+        ties += len(tied_pairs(r.scores))
         for i, j in r.pairs():
             pairs += 1
             a, b = len(r.responses[i]), len(r.responses[j])
