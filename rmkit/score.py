@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from rmkit.data.collate import EncodedRecord, collate, packing_pays
-from rmkit.data.records import strict_pairs, tied_pairs
+from rmkit.data.records import preferred_index, strict_pairs, tied_pairs
 
 
 @dataclass
@@ -73,9 +73,10 @@ def tally(result: SetResult, enc: EncodedRecord, rewards: list[float], char_leng
     if n > 2:
         result.groups += 1
         result.groups_all_correct += int(all_ok)
-        top = sorted(range(n), key=lambda k: -scores[k])[:2]
-        if scores[top[0]] > scores[top[1]]:
-            result.groups_top2_correct += int(rewards[top[0]] > rewards[top[1]])
+        best = preferred_index(scores)
+        if best is not None:  # a shared top has no "best vs runner-up" pair
+            second = max((k for k in range(n) if k != best), key=lambda k: scores[k])
+            result.groups_top2_correct += int(rewards[best] > rewards[second])
 
 
 MAX_UNIT = 16  # records per prompt unit: whole-text encodings of unrelated texts may share only a BOS

@@ -143,3 +143,22 @@ def test_length_grouped_order() -> None:
     # grouping cuts padding: mean spread inside a batch is far below a random batching's
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in a) / len(a)
     assert spread < 5
+
+
+def test_unique_preferred_rule_shared_by_imitation_and_eval() -> None:
+    """preferred_index is the rule: the "token" imitation target and eval's best-vs-runner-up
+    group figure both use it (a shared top has neither; the runner-up is the first of a tie)."""
+    from rmkit.data.collate import imitation_rows
+    from rmkit.data.records import preferred_index
+    from rmkit.score import SetResult, tally
+
+    assert preferred_index((1.0, 3.0, 2.0, 2.0)) == 1 and preferred_index((1.0, 3.0, 3.0, 0.0)) is None
+    assert imitation_rows((1.0, 3.0, 2.0, 2.0), "token") == [1] and imitation_rows((1.0, 3.0, 3.0, 0.0), "token") == []
+    res = SetResult()
+    # best 1 (reward 5) vs the first runner-up 2 (reward 4): right, though response 3 (6) beats it
+    tally(res, EncodedRecord([1], [[2], [3], [4], [5]], (1.0, 3.0, 2.0, 2.0)), [0.0, 5.0, 4.0, 6.0], [1] * 4)
+    assert (res.groups, res.groups_top2_correct, res.groups_all_correct) == (1, 1, 0)
+    tally(res, EncodedRecord([1], [[2], [3], [4], [5]], (1.0, 3.0, 3.0, 0.0)), [0.0, 5.0, 4.0, -1.0], [1] * 4)
+    assert (res.groups, res.groups_top2_correct) == (2, 1)  # a shared top counts as a group, never as right
+    b = collate([EncodedRecord([5], [[6], [7], [8], [9]], (1.0, 3.0, 3.0, 0.0))], 0, lm_target="response")
+    assert b.n_lm_targets == 0

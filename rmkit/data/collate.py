@@ -44,10 +44,6 @@ class EncodedRecord:
         """Longest row: what the record costs in a batch (for length grouping)."""
         return max(self.row_lengths())
 
-    def preferred(self) -> int | None:
-        """Index of the unique top-scored response, None when the top score is shared."""
-        return preferred_index(self.scores)
-
 
 @dataclass
 class Group:

@@ -35,7 +35,9 @@ def tied_pairs(scores: Sequence[float]) -> list[tuple[int, int]]:
 
 
 def preferred_index(scores: Sequence[float]) -> int | None:
-    """Index of the unique top score, None when the top is shared (ties carry no preference)."""
+    """Index of the unique top score, None when the top is shared (ties carry no preference):
+    the one place the rule is written (imitation targets under the "token" reduction and eval's
+    best-vs-runner-up group figure call it)."""
     top = max(scores)
     best = [i for i, s in enumerate(scores) if s == top]
     return best[0] if len(best) == 1 else None
