@@ -17,11 +17,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rmkit.errors import RmkitError
+from rmkit.resources import resource_dir
 
 STAGES = ("blt", "grft", "crft")
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RECIPES_DIR = REPO_ROOT / "recipes"
-DS_CONFIGS_DIR = REPO_ROOT / "ds_configs"
+# The packaged copies in a wheel install, the repository folders in a checkout (rmkit.resources).
+RECIPES_DIR = resource_dir("recipes")
+DS_CONFIGS_DIR = resource_dir("ds_configs")
 
 
 class _Strict(BaseModel):
@@ -287,14 +288,41 @@ def _format_errors(err: ValidationError, where: str) -> RmkitError:
 
 
 def default_recipe_path(stage: str) -> Path:
+    """The shipped recipe `rmkit train STAGE` uses without --recipe."""
     return RECIPES_DIR / f"{stage}.yaml"
 
 
+def shipped_recipes() -> list[str]:
+    """Names of the shipped recipes, relative to the recipes folder (`grft.yaml`, `cpu/grft.yaml`)."""
+    return sorted(p.relative_to(RECIPES_DIR).as_posix() for p in RECIPES_DIR.rglob("*.yaml")) if RECIPES_DIR.is_dir() else []
+
+
+def resolve_recipe_path(name_or_path: str | Path) -> Path:
+    """An existing file as given; else a shipped recipe named `cpu/grft`, `cpu/grft.yaml` or
+    `recipes/cpu/grft.yaml`, so the names in the docs work from any folder and in a wheel install.
+
+    A file in the current folder wins over a shipped recipe of the same name.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("recipes",) else path.parts
+    if parts and not path.is_absolute() and ".." not in parts:
+        name = Path(*parts)
+        cand = RECIPES_DIR / (name if name.suffix in (".yaml", ".yml") else name.parent / f"{name.name}.yaml")
+        if cand.is_file():
+            return cand
+    shipped = shipped_recipes()
+    close = difflib.get_close_matches(str(name_or_path).removeprefix("recipes/").removesuffix(".yaml"),
+                                      [s.removesuffix(".yaml") for s in shipped], n=1)
+    raise RmkitError(f"no such recipe: {name_or_path}",
+                     hint=(f"did you mean '{close[0]}'? " if close else "")
+                     + "shipped recipes (by name from any folder, e.g. cpu/grft): "
+                     + ", ".join(f"recipes/{s}" for s in shipped))
+
+
 def load_tree(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.exists():
-        shipped = sorted(p.relative_to(RECIPES_DIR).as_posix() for p in RECIPES_DIR.rglob("*.yaml")) if RECIPES_DIR.exists() else []
-        raise RmkitError(f"no such recipe: {path}", hint="shipped recipes: " + ", ".join(f"recipes/{s}" for s in shipped))
+    path = resolve_recipe_path(path)
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -332,11 +360,16 @@ def load_recipe(
 
 
 def resolve_ds_config_path(name_or_path: str) -> Path:
+    """A named ZeRO config (`zero2`) or a path; `ds_configs/NAME.json` that does not exist where
+    run falls back to the shipped file, so recipes naming it work in a wheel install too."""
     p = Path(name_or_path)
     if p.suffix == ".json" or p.exists():
-        if not p.exists():
-            raise RmkitError(f"no such DeepSpeed config: {p}")
-        return p
+        if p.exists():
+            return p
+        shipped = DS_CONFIGS_DIR / p.name
+        if p.parent == Path("ds_configs") and shipped.is_file():
+            return shipped
+        raise RmkitError(f"no such DeepSpeed config: {p}")
     cand = DS_CONFIGS_DIR / f"{name_or_path}.json"
     if not cand.exists():
         names = sorted(q.stem for q in DS_CONFIGS_DIR.glob("*.json"))
