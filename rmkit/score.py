@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from rmkit.data.collate import EncodedRecord, collate, packing_pays
+from rmkit.data.collate import EncodedRecord, collate, group_shared, packed_length, packing_pays
 from rmkit.data.records import preferred_index, strict_pairs, tied_pairs
 
 
@@ -108,9 +108,9 @@ def score_shard(model: torch.nn.Module, encoded: list[EncodedRecord], batch_size
     units = prompt_units(encoded)
 
     def length(unit: list[int]) -> int:
-        if prefix_sharing:
-            distinct = {tuple(r) for i in unit for r in encoded[i].response_ids}
-            return len(encoded[unit[0]].prompt_ids) + sum(len(r) for r in distinct)
+        if prefix_sharing:  # the unit's one block: its prompt once, each distinct response once
+            groups, _ = group_shared([encoded[i] for i in unit])
+            return sum(packed_length(g) for g in groups)
         return max(encoded[i].max_length() for i in unit)
 
     scale = float(getattr(getattr(model, "module", model), "attention_scale", 4096.0))

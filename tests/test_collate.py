@@ -162,3 +162,18 @@ def test_unique_preferred_rule_shared_by_imitation_and_eval() -> None:
     assert (res.groups, res.groups_top2_correct) == (2, 1)  # a shared top counts as a group, never as right
     b = collate([EncodedRecord([5], [[6], [7], [8], [9]], (1.0, 3.0, 3.0, 0.0))], 0, lm_target="response")
     assert b.n_lm_targets == 0
+
+
+def test_packed_length_of_a_record_and_of_a_group() -> None:
+    """[prompt][resp_1]...[resp_k]: a record counts each response it lists, a group (records
+    sharing a prompt) each distinct response once, which is its block width in the packed layout."""
+    from rmkit.data.collate import group_shared, packed_length
+
+    a = EncodedRecord([5, 6], [[7], [8, 9]], (1.0, 0.0))
+    b = EncodedRecord([5, 6], [[7], [3]], (1.0, 0.0))
+    assert packed_length(a) == 2 + 1 + 2 and packed_length(b) == 2 + 1 + 1
+    assert packed_length(EncodedRecord([5], [[7], [7]], (1.0, 1.0))) == 3  # listed twice, counted twice
+    (group,), _ = group_shared([a, b])
+    assert packed_length(group) == 2 + 1 + 2 + 1  # [5, 6][7][8, 9][3]: response [7] once
+    packed = collate([a, b], pad_id=0, pack=True)
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 3]] and packed.input_ids.shape[1] == packed_length(group)

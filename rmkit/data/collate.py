@@ -391,9 +391,12 @@ def _check(padding_side: str, lm_target: str) -> None:
         raise ValueError(f"lm_target must be one of {LM_TARGETS}, got {lm_target!r}")
 
 
-def packed_length(group: Group) -> int:
-    """Tokens of a group in the packed layout: its prompt once plus every distinct response."""
-    return len(group.prompt_ids) + sum(len(r) for r in group.responses)
+def packed_length(enc: EncodedRecord | Group) -> int:
+    """Tokens of a block [prompt][resp_1]...[resp_k]: the prompt once plus each response listed
+    (a Group lists each distinct response once, so this is its block in `collate_packed`). What
+    packing costs and what training and scoring sort their batches by when prefix sharing is on."""
+    responses = enc.responses if isinstance(enc, Group) else enc.response_ids
+    return len(enc.prompt_ids) + sum(len(r) for r in responses)
 
 
 def bin_pack(lengths: Sequence[int], width: int) -> list[list[int]]:
