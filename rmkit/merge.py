@@ -84,7 +84,7 @@ def check_base(meta: dict[str, Any], ckpt: Path, base: Path | None) -> tuple[Pat
     expected = meta["base"]["fingerprint"]
     path = base if base is not None else recorded
     if not path.is_dir():
-        raise RmkitError(f"base {path} does not exist", where="--base" if base is not None else f"{ckpt}/meta.json",
+        raise RmkitError(f"base {path} does not exist", where="--base" if base is not None else str(ckpt / META_FILE),
                          hint="the base moved? pass its new location with --base PATH")
     found = base_fingerprint(path)
     if found != expected:

@@ -11,7 +11,8 @@ from typing import Callable
 
 import torch
 
-from rmkit.data.collate import EncodedRecord, collate, group_shared, packed_length, packing_pays
+from rmkit.data.collate import (DEFAULT_ATTENTION_SCALE, EncodedRecord, collate, group_shared, packed_length,
+                                 packing_pays)
 from rmkit.data.records import preferred_index, strict_pairs, tied_pairs
 
 
@@ -113,7 +114,7 @@ def score_shard(model: torch.nn.Module, encoded: list[EncodedRecord], batch_size
             return sum(packed_length(g) for g in groups)
         return max(encoded[i].max_length() for i in unit)
 
-    scale = float(getattr(getattr(model, "module", model), "attention_scale", 4096.0))
+    scale = float(getattr(getattr(model, "module", model), "attention_scale", DEFAULT_ATTENTION_SCALE))
     cost = [length(u) for u in units]
     order = sorted(range(len(units)), key=lambda u: (-cost[u], u))
     batches = [[i for u in order[k:k + batch_size] for i in units[u]] for k in range(0, len(order), batch_size)]

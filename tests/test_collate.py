@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rmkit.data.collate import EncodedRecord, collate, encode_record, length_grouped_order, special_prefix
+from rmkit.data.collate import IGNORE_INDEX, EncodedRecord, collate, encode_record, length_grouped_order, special_prefix
 from rmkit.data.records import Record
 
-X = -100
+X = IGNORE_INDEX
 
 
 class CharTokenizer:
@@ -33,6 +33,7 @@ def example() -> list[EncodedRecord]:
 
 
 def test_collate_exact_right_padding() -> None:
+    assert IGNORE_INDEX == -100 == torch.nn.CrossEntropyLoss().ignore_index  # what cross-entropy skips
     b = collate(example(), pad_id=0, padding_side="right", lm_target="response")
     assert b.input_ids.tolist() == [[5, 6, 7, 0], [5, 6, 8, 9], [5, 3, 0, 0], [5, 4, 4, 0], [5, 2, 0, 0]]
     assert b.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0]]

@@ -10,14 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from rmkit.data.collate import EncodedRecord, bin_pack, collate, collate_packed, encode_record, packing_pays
+from rmkit.data.collate import (DEFAULT_ATTENTION_SCALE, IGNORE_INDEX, EncodedRecord, bin_pack, collate, collate_packed,
+                                encode_record, packing_pays)
 from rmkit.data.records import Record
 from rmkit.model import POOLINGS, RewardModel
 from rmkit.recipe import Recipe
 from rmkit.score import score_shard
 from rmkit.train.loop import micro_batch_loss
 
-X = -100
+X = IGNORE_INDEX
 
 
 def example() -> list[EncodedRecord]:
@@ -104,6 +105,10 @@ def test_packing_pays_cost_model() -> None:
     assert not packing_pays(long_responses, attention_scale=100.0)
     # with negligible attention cost packing never adds tokens: 504 < 520
     assert packing_pays(long_responses, attention_scale=1e9)
+    # the default scale (what scoring and training use for a model that does not say):
+    # 504 * (1 + 504/4096) = 566.0 > 520 * (1 + 104/4096) = 533.2
+    assert DEFAULT_ATTENTION_SCALE == 4096.0 and not packing_pays(long_responses)
+    assert packing_pays(long_responses, attention_scale=1e5)  # 506.5 < 520.5
     assert not packing_pays([], 100.0)
 
 

@@ -26,6 +26,9 @@ LM_TARGETS = ("none", "response", "whole")
 ROW_MODES = ("all", "preferred")
 IMITATION_REDUCTIONS = ("token", "sequence")
 PAPER_TARGET_RATIO = 0.85  # Linear95/DSP arguments.py lm_score_thresh
+# Per-token matmul FLOPs / per-token-pair attention FLOPs assumed when a model does not say
+# (`RewardModel.attention_scale`): a few thousand for 100M+ models (see `packing_pays`).
+DEFAULT_ATTENTION_SCALE = 4096.0
 
 
 @dataclass
@@ -515,7 +518,7 @@ def collate_packed(encoded: Sequence[EncodedRecord], pad_id: int, padding_side: 
     )
 
 
-def packing_pays(encoded: Sequence[EncodedRecord], attention_scale: float = 4096.0) -> bool:
+def packing_pays(encoded: Sequence[EncodedRecord], attention_scale: float = DEFAULT_ATTENTION_SCALE) -> bool:
     """Whether the packed layout costs less compute than one row per response for this batch.
 
     Both layouts compute each group's distinct responses once (`group_shared`). Cost of a
