@@ -11,6 +11,8 @@ Notation: r = rewards [N]; (b_k, w_k), k = 1..P, the (better, worse) row pairs o
 
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 import torch.nn.functional as F
 
@@ -36,12 +38,26 @@ def imitation_loss(lm_loss: torch.Tensor | None) -> torch.Tensor:
     return lm_loss
 
 
+@overload
+def pair_correct(better: float, worse: float) -> bool: ...
+
+
+@overload
+def pair_correct(better: torch.Tensor, worse: torch.Tensor) -> torch.Tensor: ...
+
+
+def pair_correct(better: float | torch.Tensor, worse: float | torch.Tensor) -> bool | torch.Tensor:
+    """The pair-accuracy rule, written once (training's `pair_accuracy`, eval's `score.tally`):
+    correct only when r_b > r_w strictly. Equal rewards count wrong, so a constant model scores
+    0, not 50%; a NaN reward counts wrong too. Floats give a bool, tensors an elementwise mask."""
+    return better > worse
+
+
 def pair_accuracy(rewards: torch.Tensor, better: torch.Tensor, worse: torch.Tensor) -> tuple[int, int]:
-    """(correct, total): a pair is correct only when r_b > r_w strictly; equal rewards count
-    wrong, so a constant model scores 0, not 50%."""
+    """(correct, total) over a batch's pairs, each judged by `pair_correct`."""
     if better.numel() == 0:
         return 0, 0
-    correct = int((rewards[better] > rewards[worse]).sum())
+    correct = int(pair_correct(rewards[better], rewards[worse]).sum())
     return correct, int(better.numel())
 
 

@@ -6,7 +6,7 @@ ranks run the same number of forwards (ZeRO-3 gathers parameters collectively pe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -14,11 +14,13 @@ import torch
 from rmkit.data.collate import (DEFAULT_ATTENTION_SCALE, EncodedRecord, collate, group_shared, packed_length,
                                  packing_pays)
 from rmkit.data.records import preferred_index, strict_pairs, tied_pairs
+from rmkit.loss import pair_correct
 
 
 @dataclass
 class SetResult:
-    """Figures for one eval set: accuracy over pairs (ties excluded), margins, groups."""
+    """Figures for one eval set: accuracy over pairs (ties excluded; a pair is right by
+    `loss.pair_correct`, as in training), margins, groups."""
 
     correct: int = 0
     pairs: int = 0
@@ -65,7 +67,7 @@ def tally(result: SetResult, enc: EncodedRecord, rewards: list[float], char_leng
     all_ok = True
     for i, j in strict_pairs(scores):
         result.pairs += 1
-        ok = rewards[i] > rewards[j]
+        ok = pair_correct(rewards[i], rewards[j])
         result.correct += int(ok)
         all_ok &= ok
         result.margin_sum += rewards[i] - rewards[j]
@@ -77,7 +79,7 @@ def tally(result: SetResult, enc: EncodedRecord, rewards: list[float], char_leng
         best = preferred_index(scores)
         if best is not None:  # a shared top has no "best vs runner-up" pair
             second = max((k for k in range(n) if k != best), key=lambda k: scores[k])
-            result.groups_top2_correct += int(rewards[best] > rewards[second])
+            result.groups_top2_correct += int(pair_correct(rewards[best], rewards[second]))
 
 
 MAX_UNIT = 16  # records per prompt unit: whole-text encodings of unrelated texts may share only a BOS

@@ -71,3 +71,27 @@ def test_combine_weights_and_zero_weight_nan() -> None:
     assert total.item() == 2.0
     total.backward()
     assert nan.grad.item() == 0.0
+
+
+def test_pair_rule_is_one_in_training_and_eval() -> None:
+    """Training's pair_accuracy and eval's tally judge pairs by one rule (loss.pair_correct):
+    strictly higher is right; a tie or a NaN is wrong. Scores (3, 2, 1, 0) give 6 pairs; with
+    rewards (1, 1, 0, nan) only (0, 2) and (1, 2) are right."""
+    from rmkit.data.collate import EncodedRecord
+    from rmkit.data.records import strict_pairs
+    from rmkit.loss import pair_correct
+    from rmkit.score import SetResult, tally
+
+    assert pair_correct(2.0, 1.0) is True and pair_correct(1.0, 1.0) is False
+    assert pair_correct(float("nan"), 0.0) is False and pair_correct(0.0, float("nan")) is False
+    assert pair_correct(torch.tensor([2.0, 1.0, 0.0]), torch.tensor([1.0, 1.0, 1.0])).tolist() == [True, False, False]
+    scores, rewards = (3.0, 2.0, 1.0, 0.0), [1.0, 1.0, 0.0, float("nan")]
+    pairs = strict_pairs(scores)
+    better, worse = torch.tensor([b for b, _ in pairs]), torch.tensor([w for _, w in pairs])
+    assert pair_accuracy(torch.tensor(rewards), better, worse) == (2, 6)
+    result = SetResult()
+    tally(result, EncodedRecord([1], [[2], [3], [4], [5]], scores), rewards, [1, 1, 1, 1])
+    assert (result.correct, result.pairs, result.groups_all_correct) == (2, 6, 0)
+    constant = SetResult()
+    tally(constant, EncodedRecord([1], [[2], [3]], (1.0, 0.0)), [0.5, 0.5], [1, 1])
+    assert constant.accuracy == 0.0 and pair_accuracy(torch.tensor([0.5, 0.5]), torch.tensor([0]), torch.tensor([1])) == (0, 1)
