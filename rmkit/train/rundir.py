@@ -14,16 +14,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rmkit import __version__
-from rmkit.data.records import Record, write_records
+from rmkit.data.records import write_records
+from rmkit.data.sources import load_eval_sets, load_spec
 from rmkit.errors import RmkitError
 from rmkit.io import atomic_write_json, atomic_write_text, sha256_file, sha256_text
-from rmkit.recipe import Recipe, SourceSpec, dump_recipe, resolve_ds_config_path
+from rmkit.recipe import Recipe, dump_recipe, resolve_ds_config_path
 
 META_FILE = "meta.json"
 
@@ -138,58 +138,11 @@ def check_parent(recipe: Recipe, model_path: Path) -> dict[str, Any] | None:
     return meta
 
 
-def _load(spec: SourceSpec, recipe: Recipe, role: str) -> tuple[list[Record], dict[str, Any]]:
-    from rmkit.data.readers import load_source
-    from rmkit.data.split import split_records
-
-    path = Path(spec.path)
-    if not path.exists():
-        raise RmkitError(f"no such data file: {path}", where=role,
-                         hint="paths are relative to the current folder; shipped recipes read "
-                              "${RMKIT_DATA:-../shared/data}, so run from the repo root or export RMKIT_DATA")
-    domain = spec.domain
-    if domain is None and (spec.format == "dsp" or path.name.startswith("dsp")):
-        domain = recipe.domain
-    try:
-        res = load_source(path, format=spec.format, domain=domain, listwise=spec.listwise)
-    except RmkitError as e:
-        if e.where is None:
-            e.where = f"{role} ({path})"
-        raise
-    records = res.records
-    dropped = Counter(res.dropped)
-    if spec.split != "all":
-        train, test = split_records(records, recipe.data.test_fraction, recipe.data.split_salt)
-        records = train if spec.split == "train" else test
-    if spec.limit is not None:
-        records = records[: spec.limit]
-    if recipe.loss.score_threshold > 0:
-        kept = [r for r in records if any(r.scores[b] - r.scores[w] >= recipe.loss.score_threshold for b, w in r.pairs())]
-        dropped["below score_threshold"] += len(records) - len(kept)
-        records = kept
-    if not records:
-        raise RmkitError(f"no records left from {path} after split={spec.split}, limit={spec.limit}",
-                         where=role, hint="use a larger slice, or split: all")
-    info = {
-        "path": str(path), "sha256": sha256_file(path) if path.is_file() else None,
-        "format": res.format, "domain": domain, "split": spec.split, "limit": spec.limit,
-        "rows_read": res.read, "dropped": dict(dropped), "records": len(records),
-        "pairs": sum(len(r.pairs()) for r in records), "weight": spec.weight,
-    }
-    return records, info
-
-
-def load_eval_sets(recipe: Recipe) -> dict[str, tuple[list[Record], dict[str, Any]]]:
-    """Every `data.eval` set as training sees it (split, limit, domain, threshold applied), with
-    its manifest entry; `rmkit eval` calls this too, so both score exactly the same records."""
-    return {name: _load(spec, recipe, f"data.eval.{name}") for name, spec in recipe.data.eval.items()}
-
-
 def prepare_data(recipe: Recipe, data_dir: Path) -> dict[str, Any]:
     """Convert, split, slice and mix every source; write canonical files and the manifest."""
     from rmkit.data.mix import mix_records
 
-    loaded = [(f"data.train.{i}", *_load(s, recipe, f"data.train.{i}")) for i, s in enumerate(recipe.data.train)]
+    loaded = [(f"data.train.{i}", *load_spec(s, recipe, f"data.train.{i}")) for i, s in enumerate(recipe.data.train)]
     sources = [(name, recs, recipe.data.train[i].weight) for i, (name, recs, _) in enumerate(loaded)]
     if len(sources) == 1 and sources[0][2] is None and recipe.data.mix_size is None:
         train, counts = sources[0][1], {sources[0][0]: len(sources[0][1])}
