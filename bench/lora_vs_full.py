@@ -1,7 +1,7 @@
 """LoRA vs full CRFT: tokens/s and peak memory for the same few optimizer steps.
 
 Each mode runs in a fresh child process (so peak RSS is its own) that builds the real training
-Runner (DeepSpeed engine, one process, the recipe's ZeRO stage) on the CRFT recipe and times
+Trainer (DeepSpeed engine, one process, the recipe's ZeRO stage) on the CRFT recipe and times
 `train_step`; the first step is warm-up and not timed. Peak memory: the process's max RSS
 (`resource.getrusage`, includes loading the model) and, on a GPU, `torch.cuda.max_memory_allocated`.
 
@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,18 +28,13 @@ from pathlib import Path
 
 
 def child(args: argparse.Namespace) -> None:
-    """One mode: build the Runner in this process and time `steps` optimizer steps."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    """One mode: build the Trainer in this process (DeepSpeed's engine, a world of one) and time `steps` optimizer steps."""
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from rmkit.recipe import load_recipe
-    from rmkit.train.loop import Runner
+    from rmkit.train.loop import Trainer
     from rmkit.train.rundir import plan_run, write_run_dir
 
     sets = [f"model.path={args.parent}", f"train.max_steps={args.steps + 1}", "launch.gpus=1",
@@ -50,8 +44,7 @@ def child(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, sets, stage="crft", domain=args.domain)
     recipe.data.eval = {}
     write_run_dir(recipe, plan_run(recipe))
-    runner = Runner(Path(args.out), resume=False)
-    runner.build()
+    runner = Trainer(Path(args.out))
     runner.engine.train()
     trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in runner.model.parameters() if p.requires_grad)
     runner.train_step(0)  # warm-up

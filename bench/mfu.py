@@ -6,7 +6,7 @@
 Throughput does not depend on the weights, so the model is built from a config with random
 weights (cached under $RMKIT_CACHE/bench) and the data are synthetic pairs whose every row is
 exactly --seq-len tokens (a prompt of half that, a response of the other half). Training is
-rmkit's own step: `Runner.train_step` (RewardModel + ranking loss + the DeepSpeed engine, world
+rmkit's own step: `Trainer.train_step` (RewardModel + ranking loss + the DeepSpeed engine, world
 size 1, in-process), as `bench/throughput.py` runs it.
 
 Model FLOPs per trained token: 6 * N (N = parameters outside the embedding and LM head, which a
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import shlex
 import sys
 import tempfile
@@ -104,13 +103,10 @@ def run(args: argparse.Namespace, model: Path, device: torch.device) -> dict[str
     from transformers.utils import logging as hf_logging
 
     from rmkit.recipe import Recipe
-    from rmkit.train.launch import free_port
-    from rmkit.train.loop import Runner
+    from rmkit.train.loop import Trainer
     from rmkit.train.rundir import plan_run, write_run_dir
 
     hf_logging.set_verbosity_error()
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     tmp = Path(tempfile.mkdtemp())
     data = tmp / "pairs.jsonl"
     synthetic_pairs(data, args.batch * (args.warmup + args.steps), args.seq_len)
@@ -125,8 +121,7 @@ def run(args: argparse.Namespace, model: Path, device: torch.device) -> dict[str
     })
     plan = plan_run(recipe)
     write_run_dir(recipe, plan)
-    runner = Runner(plan.run_dir, resume=False)
-    runner.build()
+    runner = Trainer(plan.run_dir)
     runner.engine.train()
     for step in range(args.warmup):
         runner.train_step(step)

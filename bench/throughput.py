@@ -12,7 +12,7 @@ every mode; --batch pairs per optimizer step, AdamW, grad clip 1.0, in the preci
 (so peak RSS is its own): --warmup untimed steps, then --steps timed steps. --reps repetitions,
 the modes' order rotated each time; the table gives the median and the min-max spread.
 
-  grft/rmkit      the real `Runner.train_step` (RewardModel + losses + DeepSpeed ZeRO-0 engine,
+  grft/rmkit      the real `Trainer.train_step` (RewardModel + losses + DeepSpeed ZeRO-0 engine,
                   world size 1, in-process): records sharing a prompt grouped (each distinct text
                   once), prefix sharing chosen per micro-batch, eos pooling, --micro records per
                   micro-batch with gradient accumulation
@@ -133,11 +133,8 @@ def autocast(precision: str) -> Any:
 def worker_rmkit(spec: dict[str, Any], imitation_weight: float) -> dict[str, Any]:
     import rmkit.train.loop as loop
     from rmkit.recipe import Recipe
-    from rmkit.train.launch import free_port
     from rmkit.train.rundir import plan_run, write_run_dir
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     recipe = Recipe.model_validate({
         # stage grft with an imitation weight runs exactly CRFT's loss, without CRFT's
         # parent-checkpoint check (the bench starts every mode from the same base model)
@@ -170,11 +167,10 @@ def worker_rmkit(spec: dict[str, Any], imitation_weight: float) -> dict[str, Any
     n = len(Path(spec["data"]).read_text().splitlines())
     loop.collate = counting_collate
     loop.step_records = lambda step, n_, batch, seed, groups=None: step_ids(step, batch, n)  # the shared order
-    runner = loop.Runner(plan.run_dir, resume=False)
+    runner = loop.Trainer(plan.run_dir)  # DeepSpeed's engine in this process (a world of one)
     import torch
 
-    torch.set_num_threads(spec["threads"])  # the Runner takes all cores; every mode gets the same
-    runner.build()
+    torch.set_num_threads(spec["threads"])  # the Trainer takes all cores; every mode gets the same
     runner.engine.train()
     if spec.get("compile"):
         runner.model.base_model.compile(dynamic=True)  # in place: parameter names unchanged

@@ -18,12 +18,16 @@ import contextlib
 import json
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, NoReturn, Protocol
 
 from rmkit.errors import RmkitError
-from rmkit.io import TMP_PREFIX, atomic_write_json, atomic_write_text, publish_dir, sha256_text
+from rmkit.io import TMP_PREFIX, atomic_write_json, atomic_write_text, free_space, publish_dir, sha256_text
+
+if TYPE_CHECKING:  # torch loads lazily: `rmkit eval --help` and folder checks need none of it
+    import torch
 
 META_FILE = "meta.json"
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -133,6 +137,123 @@ def nonfinite_names(named: Iterable[tuple[str, Any]], limit: int = 3) -> tuple[i
             if len(names) < limit:
                 names.append(name)
     return count, names
+
+
+class Ranks(Protocol):
+    """What saving and loading need from the training engine (rmkit/train/engine.py)."""
+
+    rank: int
+    world: int
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor: ...
+    def stop(self, problem: str, hint: str) -> NoReturn: ...
+    def local(self, p: torch.Tensor) -> torch.Tensor: ...
+    def save_state(self, folder: Path, client_state: dict[str, Any]) -> None: ...
+    def load_state(self, folder: Path) -> dict[str, Any]: ...
+
+
+STATE_DIR = "state"  # inside a training checkpoint: the engine's optimizer/scheduler state + RNG
+
+
+def last_good(out_dir: Path) -> str:
+    """The newest complete checkpoint, for messages that tell the user what is left."""
+    last = list_checkpoints(out_dir)
+    return str(last[-1][1]) if last else "none yet"
+
+
+def check_finite(engine: Ranks, params: list[tuple[str, torch.Tensor]], dest: Path, step: int, out_dir: Path) -> None:
+    """Every rank checks the weights it holds (its ZeRO-3 partition); all-reduced, so no rank
+    writes a checkpoint that another rank's NaN has spoiled."""
+    import torch
+
+    count, names = nonfinite_names((n, engine.local(p)) for n, p in params)
+    total = int(engine.all_reduce(torch.tensor([float(count)])).item())
+    if total:
+        engine.stop(f"refusing to write {dest}: {total} weight tensor(s) hold NaN or infinity at step {step}"
+                    + (f" ({', '.join(names)})" if names else ""),
+                    hint=f"last good checkpoint: {last_good(out_dir)}. Lower train.lr, check the data, or set "
+                         "train.on_nonfinite: skip")
+
+
+def save(engine: Ranks, out_dir: Path, step: int, final: bool, write_model: Callable[[Path], None],
+         meta: Callable[[], dict[str, Any]], keep_last: int,
+         before_publish: Callable[[Path], None] | None = None) -> Path:
+    """Write OUT/checkpoints/step-N (with the engine state, for resuming) or OUT/final.
+
+    All ranks write into a temporary folder; rank 0 writes meta.json last and renames. A write
+    that fails on any rank (full disk, read-only folder) removes the temporary folder and stops
+    every rank with the folder, the reason and the free space; earlier checkpoints are untouched.
+    The ranks settle each phase with an all-reduce of their failures, so none waits forever.
+    `before_publish(tmp)` runs on every rank after the files are written (fault injection).
+    """
+    dest = out_dir / "final" if final else step_dir(out_dir, step)
+    tmp = dest.with_name(TMP_PREFIX + dest.name)
+    failure: BaseException | None = None
+    if engine.rank == 0:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            failure = e
+    _settle(engine, failure, dest, tmp, out_dir)
+    try:
+        if not final:
+            engine.save_state(tmp / STATE_DIR, {"rmkit_step": step})
+        write_model(tmp)
+        if before_publish is not None:
+            before_publish(tmp)
+    except (OSError, RmkitError) as e:
+        failure = e
+    _settle(engine, failure, dest, tmp, out_dir)
+    if engine.rank == 0:
+        try:
+            finalize(tmp, dest, meta())
+            if not final:
+                prune(out_dir, keep_last)
+        except (OSError, RmkitError) as e:
+            failure = e
+    _settle(engine, failure, dest, tmp, out_dir)
+    return dest
+
+
+def _settle(engine: Ranks, failure: BaseException | None, dest: Path, tmp: Path, out_dir: Path) -> None:
+    """The ranks' barrier after each save phase: all-reduce who failed; on any failure remove the
+    temporary folder and stop on every rank."""
+    import torch
+
+    flags = torch.zeros(engine.world)
+    flags[engine.rank] = float(failure is not None)
+    flags = engine.all_reduce(flags)
+    if not flags.any():
+        return
+    if failure is not None:
+        reason = (f"{failure.strerror} ({failure.filename})" if isinstance(failure, OSError) and failure.strerror
+                  else failure.problem if isinstance(failure, RmkitError) else str(failure))
+    else:
+        reason = f"rank(s) {', '.join(str(i) for i in flags.nonzero().flatten().tolist())} failed to write their part"
+    free = free_space(dest.parent)  # measured before the unfinished folder is removed
+    if engine.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif failure is not None:  # only rank 0's message is printed by worker.py; say ours here
+        print(f"rank {engine.rank}: could not write {tmp}: {reason}", file=sys.stderr, flush=True)
+    engine.stop(f"could not write checkpoint {dest}: {reason}; {free} on that disk",
+                hint=f"the unfinished folder was removed; the last good checkpoint is intact: {last_good(out_dir)}. "
+                     "Free some space (or lower train.keep_last), then continue with --resume")
+
+
+def restore_latest(engine: Ranks, out_dir: Path, recipe_sha256: str) -> tuple[int, Path | None]:
+    """Load the newest complete training checkpoint into the engine: (step to continue from,
+    its folder), or (0, None) when there is none."""
+    ckpts = list_checkpoints(out_dir)
+    if not ckpts:
+        return 0, None
+    step, folder = ckpts[-1]
+    meta = read_meta(folder)
+    if meta.get("recipe_sha256") != recipe_sha256:
+        raise RmkitError(f"checkpoint {folder} was trained with another recipe",
+                         hint="resume with the same recipe and --set values")
+    client = engine.load_state(folder / STATE_DIR)
+    return int(client.get("rmkit_step", step)), folder
 
 
 def check_weights(folder: Path, trust_remote_code: bool = False) -> None:

@@ -17,7 +17,6 @@ A reward model saves as a Hugging Face `<Arch>ForSequenceClassification` folder 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -84,13 +83,8 @@ def _read_tensors(files: list[Path], keys: list[str]) -> dict[str, torch.Tensor]
 
 
 def _copy_param(param: nn.Parameter, value: torch.Tensor) -> None:
-    """param <- value, gathering the full parameter first when ZeRO-3 has partitioned it."""
-    gathered: Any = contextlib.nullcontext()
-    if hasattr(param, "ds_id"):
-        import deepspeed
-
-        gathered = deepspeed.zero.GatheredParameters([param], modifier_rank=0)
-    with gathered, torch.no_grad():
+    """param <- value (the model is built whole; engines partition it afterwards)."""
+    with torch.no_grad():
         param.copy_(value.reshape(param.shape).to(param.dtype))
 
 
@@ -195,7 +189,7 @@ class RewardModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None, lm_index: torch.Tensor | None = None,
                 lm_token: torch.Tensor | None = None, lm_weight: torch.Tensor | None = None,
-                lm_chunk_size: int = 1024, lm_min_chunks: int = 0, segment_ids: torch.Tensor | None = None,
+                lm_chunk_size: int = 1024, segment_ids: torch.Tensor | None = None,
                 response_end: torch.Tensor | None = None, record_index: torch.Tensor | None = None) -> RewardOutput:
         """Rewards for every response, plus the weighted imitation NLL when targets are given.
 
@@ -204,10 +198,8 @@ class RewardModel(nn.Module):
         (rows from `collate_packed`: segment_ids, response_end and record_index given,
         position_ids required): prompts are shared, the attention mask is built from
         segment_ids, and rewards are read per response.
-        lm_min_chunks: under ZeRO-3 pass the largest chunk count over ranks (all_reduce MAX of
-        ceil(targets / lm_chunk_size)), so every rank calls lm_head equally often (its weight
-        is gathered collectively) and every rank gives it a gradient; the padding chunks add
-        exactly 0.
+        Under ZeRO-3 every rank must call lm_head equally often: the training step pads each
+        rank's targets to the same count (`rmkit.train.loop.pad_lm_targets`).
         """
         if segment_ids is not None:
             if position_ids is None or response_end is None or record_index is None:
@@ -225,7 +217,7 @@ class RewardModel(nn.Module):
             hidden = out[0]
             pooled = self._pool(hidden, attention_mask)
         rewards = self.score(pooled).squeeze(-1).float()
-        lm_loss, lm_tokens = self._lm_loss(hidden, lm_index, lm_token, lm_weight, lm_chunk_size, lm_min_chunks)
+        lm_loss, lm_tokens = self._lm_loss(hidden, lm_index, lm_token, lm_weight, lm_chunk_size)
         return RewardOutput(rewards, lm_loss, lm_tokens)
 
     @property
@@ -309,26 +301,20 @@ class RewardModel(nn.Module):
         return torch.maximum(top[own], top[prompt])
 
     def _lm_loss(self, hidden: torch.Tensor, index: torch.Tensor | None, token: torch.Tensor | None,
-                 weight: torch.Tensor | None, chunk: int, min_chunks: int) -> tuple[torch.Tensor | None, int]:
+                 weight: torch.Tensor | None, chunk: int) -> tuple[torch.Tensor | None, int]:
         if index is None or token is None or weight is None:
             return None, 0
         if chunk < 1:
             raise ValueError(f"lm_chunk_size must be >= 1, got {chunk}")
         n = int(token.shape[0])
-        if n == 0 and min_chunks <= 0:
+        if n == 0:
             return None, 0
         h = hidden[index[:, 0], index[:, 1]]  # [n, H]: only the positions that predict a target
         w = weight.to(hidden.device, torch.float32)
         total = hidden.new_zeros((), dtype=torch.float32)
-        n_chunks = 0
         for start in range(0, n, chunk):
             part = slice(start, start + chunk)
             total = total + checkpoint(self._ce_sum, h[part], token[part], w[part], use_reentrant=False)
-            n_chunks += 1
-        for _ in range(n_chunks, min_chunks):  # keep lm_head calls equal across ranks
-            dummy = hidden.new_zeros((1, hidden.shape[-1]))
-            total = total + 0.0 * checkpoint(self._ce_sum, dummy, token.new_zeros((1,)), w.new_zeros((1,)),
-                                             use_reentrant=False)
         return total, n
 
     def _ce_sum(self, h: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -136,14 +136,27 @@ def test_no_vocabulary_logits_without_targets(tiny_model_dir, tiny_tokenizer, ti
     assert calls[0] == 2 * chunks  # ... and one recompute per chunk in backward (checkpointed)
 
 
-def test_min_chunks_pad_lm_head_calls_with_zero(tiny_model_dir, tiny_tokenizer, tiny_records) -> None:
-    rm = RewardModel.from_pretrained(tiny_model_dir)
-    calls = count_lm_head_calls(rm)
-    b = batch(tiny_records, tiny_tokenizer, lm_target="none")
-    out = run(rm, b, with_lm=True, lm_min_chunks=2)
-    assert calls[0] == 2 and out.lm_tokens == 0 and out.lm_loss.item() == 0.0
-    out.lm_loss.backward()
-    assert rm.lm_head.weight.grad is not None and (rm.lm_head.weight.grad == 0).all()
+def test_padded_lm_targets_equalise_lm_head_calls_and_add_exactly_zero(tiny_model_dir, tiny_tokenizer,
+                                                                        tiny_records) -> None:
+    """ZeRO-3's chunk balance: a rank with fewer imitation targets is padded to the busiest rank's
+    count, so both call lm_head equally often; the padding changes neither loss nor gradient."""
+    from rmkit.train.loop import pad_lm_targets
+
+    b = batch(tiny_records, tiny_tokenizer, lm_target="response")
+    n = b.n_lm_targets
+    padded = pad_lm_targets(b, n + 5)
+    assert padded.n_lm_targets == n + 5 and pad_lm_targets(b, n - 1) is b
+    assert padded.lm_index[n:].eq(0).all() and padded.lm_token[n:].eq(0).all() and padded.lm_weight[n:].eq(0).all()
+    results = []
+    for bb in (b, padded):
+        rm = RewardModel.from_pretrained(tiny_model_dir)
+        calls = count_lm_head_calls(rm)
+        out = run(rm, bb, with_lm=True, lm_chunk_size=3)
+        out.lm_loss.backward()
+        results.append((calls[0], out.lm_loss.detach(), rm.lm_head.weight.grad.clone()))
+    assert results[0][0] == 2 * -(-n // 3) and results[1][0] == 2 * -(-(n + 5) // 3)  # forward + recompute
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=0)
+    torch.testing.assert_close(results[1][2], results[0][2], rtol=0, atol=1e-7)
 
 
 def hf_texts(records) -> list[str]:

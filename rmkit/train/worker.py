@@ -7,7 +7,6 @@ rank 0 and the process exits 2.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
