@@ -36,9 +36,11 @@ from rich.table import Table
 
 from rmkit.data.readers import load_source
 from rmkit.data.records import Record
-from rmkit.evaluate import default_device, inspect_checkpoint, load_scorer, score_records, set_result
+from rmkit.evaluate import score_records, set_result
+from rmkit.inspection import inspect_checkpoint
 from rmkit.io import atomic_dir
 from rmkit.models import cache_dir, resolve_model
+from rmkit.scorer import default_device, load_scorer
 
 console = Console(highlight=False)
 
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
 
     scorer = load_scorer(inspect_checkpoint(folder, args.max_length), device, dtype)
-    from rmkit.evaluate import default_batch_size
+    from rmkit.scorer import default_batch_size
 
     args.batch_size = args.batch_size or default_batch_size(device)
     packs = getattr(scorer.model, "supports_packing", True)

@@ -170,7 +170,9 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from rmkit.data.records import Record
-    from rmkit.evaluate import inspect_checkpoint, load_scorer, score_records
+    from rmkit.evaluate import score_records
+    from rmkit.inspection import inspect_checkpoint
+    from rmkit.scorer import load_scorer
 
     work = Path(tempfile.mkdtemp(prefix="rmkit-serve-load-"))
     try:

@@ -5,7 +5,7 @@
     rm.score(["Q1", "Q2"], ["A1", "A2"])          # one float per (prompt, response)
     trainer = GRPOTrainer(..., reward_funcs=rm)   # TRL calls rm(prompts=..., completions=..., **columns)
 
-A local model scores exactly as `rmkit eval --score-only` and `rmkit serve` do (the same
+A local model scores exactly as `rmkit score` and `rmkit serve` do (the same
 encoding and `score_shard`); responses that share a prompt ride in one record, so the prompt is
 computed once (TRL's GRPO sends each prompt num_generations times). Conversational prompts and
 completions (lists of {"role", "content"}) are rendered in the paper's `## Human:` /

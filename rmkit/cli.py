@@ -43,7 +43,7 @@ def _register() -> None:
 
     app.add_typer(data_cmd.app, name="data")
     app.add_typer(recipe_cmd.app, name="recipe")
-    for optional in ("train", "eval", "merge", "sweep", "demo", "serve"):
+    for optional in ("train", "eval", "score", "merge", "sweep", "demo", "serve"):
         try:
             module = __import__(f"rmkit.commands.{optional}", fromlist=["register"])
         except ModuleNotFoundError as e:  # a command a later issue delivers is simply absent

@@ -197,8 +197,10 @@ def _grft_start(base: Recipe, out: Path, domain_set: str, eval_fn: Callable[[Pat
 
 def evaluate_on_recipe_sets(path: Path, recipe: Recipe) -> dict[str, Any]:
     """Score a checkpoint on the recipe's eval sets, resolved as training resolves them."""
-    from rmkit.evaluate import default_device, inspect_checkpoint, load_scorer, score_records, set_result
-    from rmkit.train.rundir import load_eval_sets
+    from rmkit.data.sources import load_eval_sets
+    from rmkit.evaluate import score_records, set_result
+    from rmkit.inspection import inspect_checkpoint
+    from rmkit.scorer import default_device, load_scorer
 
     ckpt = inspect_checkpoint(path, recipe.data.max_length)
     device, dtype = default_device()

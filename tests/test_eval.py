@@ -88,7 +88,8 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Pa
 
 
 def _cpu_scorer(folder: Path, max_length: int | None = None):  # type: ignore[no-untyped-def]
-    from rmkit.evaluate import inspect_checkpoint, load_scorer
+    from rmkit.inspection import inspect_checkpoint
+    from rmkit.scorer import load_scorer
 
     return load_scorer(inspect_checkpoint(folder, max_length), torch.device("cpu"), torch.float32)
 
@@ -152,14 +153,11 @@ def test_hf_folder_pooling_skips_trailing_pad_ids_as_hf_does(hf_dir: Path, tmp_p
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=1e-5)
 
 
-def test_hf_folder_with_a_biased_head_runs_as_the_classifier(hf_dir: Path, tmp_path: Path) -> None:
-    """A head rmkit's RewardModel cannot hold falls back to AutoModelForSequenceClassification,
-    one right-padded row per text, and still scores what the lone forward scores."""
+def _biased(tmp: Path, hf_dir: Path) -> Path:
+    """The HF reward folder with a bias on its score head (what RewardModel's head lacks)."""
     from safetensors.torch import load_file, save_file
 
-    from rmkit.evaluate import _HFReward, score_records
-
-    folder = tmp_path / "biased"
+    folder = tmp / "biased"
     shutil.copytree(hf_dir, folder)
     weights = load_file(str(folder / "model.safetensors"))
     weights["score.bias"] = torch.tensor([0.25])
@@ -167,13 +165,118 @@ def test_hf_folder_with_a_biased_head_runs_as_the_classifier(hf_dir: Path, tmp_p
     config = json.loads((folder / "config.json").read_text())
     config["architectures"] = ["LlamaForSequenceClassification"]
     (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A plain HF encoder reward folder: BertForSequenceClassification, num_labels 1, whose head
+    is `classifier` (with a bias), as encoder reward models ship."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=512, num_labels=1,
+                        pad_token_id=tok.pad_token_id)
+    torch.manual_seed(2)
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():
+        model.classifier.weight.mul_(40.0)  # rewards of order 1
+    out = tmp_path_factory.mktemp("encoder-reward")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _raise(exc: BaseException):  # type: ignore[no-untyped-def]
+    def raiser(*args: object, **kwargs: object) -> None:
+        raise exc
+
+    return raiser
+
+
+def test_hf_folder_with_a_biased_head_runs_as_the_classifier(hf_dir: Path, tmp_path: Path) -> None:
+    """A head rmkit's RewardModel cannot hold runs as AutoModelForSequenceClassification, one
+    right-padded row per text, says so, and still scores what the lone forward scores."""
+    from rmkit.evaluate import score_records
+    from rmkit.scorer import _HFReward
+
+    folder = _biased(tmp_path, hf_dir)
     records = _toy_records()[:4]
     scorer = _cpu_scorer(folder)
     assert isinstance(scorer.model, _HFReward)
+    assert (scorer.loader, scorer.loader_reason) == ("hf-sequence-classification",
+                                                     "its score head has a bias; RewardModel's has none")
     with pytest.raises(ValueError, match="cannot share the prompt"):
         score_records(scorer, records, prefix_sharing=True)
     _, got = score_records(scorer, records, batch_size=3)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(_lone_hf_rewards(folder, records)), atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_folder_is_never_tried_as_a_reward_model(encoder_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The expected case for the HF loader: a folder with no `score` head (an encoder) is known to
+    be one from its safetensors header, so RewardModel is not even tried (a try would fail here),
+    and the folder scores what its own class scores on the lone text."""
+    from rmkit.evaluate import score_records
+    from rmkit.model import RewardModel
+    from rmkit.scorer import _HFReward
+
+    monkeypatch.setattr(RewardModel, "from_pretrained", _raise(AssertionError("RewardModel was tried")))
+    scorer = _cpu_scorer(encoder_dir)
+    assert isinstance(scorer.model, _HFReward)
+    assert (scorer.loader, scorer.loader_reason) == ("hf-sequence-classification", "its head is `classifier`, not `score`")
+    records = _toy_records()[:4]
+    _, got = score_records(scorer, records, batch_size=3)
+    want = _lone_hf_rewards(encoder_dir, records)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=1e-5)
+    assert max(abs(x) for r in want for x in r) > 0.05
+
+
+def test_an_unexpected_load_failure_is_reported_never_a_silent_fallback(hf_dir: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decoder reward folder goes to RewardModel; when that load fails for any reason, the
+    failure is the answer (a load error as `could not load ...: RuntimeError: boom`, anything else
+    as itself) and AutoModelForSequenceClassification is never tried in its place."""
+    import transformers
+
+    from rmkit.errors import RmkitError
+    from rmkit.model import RewardModel
+
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained",
+                        _raise(AssertionError("fell back to AutoModelForSequenceClassification")))
+    monkeypatch.setattr(RewardModel, "from_pretrained", _raise(RuntimeError("boom")))
+    with pytest.raises(RmkitError) as err:
+        _cpu_scorer(hf_dir)
+    assert err.value.problem == f"could not load {hf_dir}: RuntimeError: boom"
+    monkeypatch.setattr(RewardModel, "from_pretrained", _raise(TypeError("boom")))
+    with pytest.raises(TypeError, match="^boom$"):
+        _cpu_scorer(hf_dir)
+
+
+def test_report_names_the_loader_of_each_checkpoint(hf_dir: Path, tmp_path: Path) -> None:
+    """The JSON and the notes under the tables say which loader produced each checkpoint's numbers."""
+    import io
+
+    from rich.console import Console
+
+    from rmkit.commands.eval import render_report
+    from rmkit.evaluate import run_eval
+
+    biased = _biased(tmp_path, hf_dir)
+    out = tmp_path / "report.json"
+    report = run_eval([str(hf_dir), str(biased)], [f"{_hand_set(tmp_path / 'hand.jsonl')}:hand"], json_out=out)
+    assert [(c["label"], c["loader"], c["loader_reason"]) for c in report["checkpoints"]] == [
+        (hf_dir.name, "rmkit-reward", "decoder with a bias-free score head"),
+        ("biased", "hf-sequence-classification", "its score head has a bias; RewardModel's has none")]
+    assert json.loads(out.read_text()) == report
+    buf = io.StringIO()
+    console = Console(width=80, file=buf, color_system=None)
+    for part in render_report(report):
+        console.print(part)
+    flat = " ".join(buf.getvalue().split())
+    assert f"{hf_dir.name}: scored by the rmkit-reward loader (decoder with a bias-free score head)" in flat
+    assert ("biased: scored by the hf-sequence-classification loader (its score head has a bias; RewardModel's "
+            "has none): one right-padded row per text") in flat
 
 
 def test_hf_folder_truncation_keeps_bos_and_the_end_and_is_counted(hf_dir: Path) -> None:
@@ -310,6 +413,7 @@ def _wide_report() -> dict:
     return {"device": "cpu", "dtype": "float32",
             "sets": {n: {"source": {}, "pairs": 1916, "prompts": 479, "records": 1916} for n in names},
             "checkpoints": [{"label": lab, "given": f"runs/cpu/{lab}/final", "path": f"/abs/runs/cpu/{lab}/final",
+                             "loader": "rmkit-reward", "loader_reason": "rmkit checkpoint",
                              "encoding": {"max_length": 128}, "results": {n: result(k) for n in names}}
                             for k, lab in enumerate(labels)],
             "bootstrap": {"unit": "prompt", "resamples": 2000, "seed": 0, "level": 0.95, "interval": "percentile"}}
@@ -323,7 +427,7 @@ def test_tables_fit_80_columns_without_wrapped_labels(terminal: bool) -> None:
 
     from rich.console import Console
 
-    from rmkit.evaluate import render_report
+    from rmkit.commands.eval import render_report
 
     report = _wide_report()
     buf = io.StringIO()
@@ -342,6 +446,7 @@ def test_tables_fit_80_columns_without_wrapped_labels(terminal: bool) -> None:
             assert all(w[4:] == ["-100.0", "[-100.0,", "-100.0]"] for w in acc_rows)
         assert [label] + ["100.0"] * 5 in words  # its matrix row
         assert f"{label} = {c['given']}" in lines
+        assert f"{label}: scored by the rmkit-reward loader (rmkit checkpoint)" in lines  # which loader made it
     for name in report["sets"]:
         assert [name, "1916/479"] in words and [name] in words  # the set's row in both tables
     assert ["length", "baseline", "61.2", "[58.1,", "64.4]"] in words
@@ -349,7 +454,7 @@ def test_tables_fit_80_columns_without_wrapped_labels(terminal: bool) -> None:
 
 
 def test_matrix_only_for_two_models_on_two_sets() -> None:
-    from rmkit.evaluate import report_matrix
+    from rmkit.commands.eval import report_matrix
 
     report = _wide_report()
     assert report_matrix(report) is not None
@@ -359,7 +464,7 @@ def test_matrix_only_for_two_models_on_two_sets() -> None:
 
 
 def test_short_labels_from_meta_and_folder_names(tmp_path: Path) -> None:
-    from rmkit.evaluate import Checkpoint, Encoding, short_labels
+    from rmkit.inspection import Checkpoint, Encoding, short_labels
 
     def ckpt(path: str, kind: str = "rmkit", **meta: object) -> Checkpoint:
         return Checkpoint(tmp_path / path, path, kind, dict(meta), Encoding("prompt+response", 64), None)
@@ -409,6 +514,11 @@ def test_two_checkpoints_side_by_side_on_data(trained: Path, hf_dir: Path, toy_d
     assert res.returncode == 0, res.stderr
     report = json.loads(out.read_text(), parse_constant=_refuse_constant)
     assert [c["kind"] for c in report["checkpoints"]] == ["rmkit", "hf"]
+    assert [(c["loader"], c["loader_reason"]) for c in report["checkpoints"]] == [
+        ("rmkit-reward", "rmkit checkpoint"), ("rmkit-reward", "decoder with a bias-free score head")]
+    flat = " ".join(res.stdout.split())
+    assert "grft: scored by the rmkit-reward loader (rmkit checkpoint)" in flat
+    assert f"{hf_dir.name}: scored by the rmkit-reward loader (decoder with a bias-free score head)" in flat
     assert [c["label"] for c in report["checkpoints"]] == ["grft", hf_dir.name]  # stage from meta.json; folder name
     rm, hf = (c["results"]["mine"] for c in report["checkpoints"])
     assert rm["pairs"] == hf["pairs"] == 14 and rm["ties_skipped"] == 1
@@ -438,17 +548,20 @@ def test_two_checkpoints_side_by_side_on_data(trained: Path, hf_dir: Path, toy_d
                         for c, r in zip(report["checkpoints"], (rm, hf))]
 
 
-def test_score_only_writes_a_reward_per_row(hf_dir: Path, tmp_path: Path) -> None:
+SCORE_ROWS = [{"prompt": "User: hi. Assistant:", "response": " Hello.", "id": 7},
+              {"prompt": "User: bread? Assistant:", "response": " Mix flour, water and yeast."},
+              {"prompt": "", "response": "A fox."}]
+
+
+def test_score_writes_a_reward_per_row(hf_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    rows = [{"prompt": "User: hi. Assistant:", "response": " Hello.", "id": 7},
-            {"prompt": "User: bread? Assistant:", "response": " Mix flour, water and yeast."},
-            {"prompt": "", "response": "A fox."}]
+    rows = SCORE_ROWS
     src, out = tmp_path / "rows.jsonl", tmp_path / "rewards.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    res = rmkit("eval", str(hf_dir), "--score-only", "--data", str(src), "-o", str(out))
+    res = rmkit("score", str(hf_dir), "--data", str(src), "-o", str(out))
     assert res.returncode == 0, res.stderr
-    assert "scored 3 rows" in res.stdout and "0 truncated" in res.stdout
+    assert "scored 3 rows" in res.stdout and "0 truncated" in res.stdout and "rmkit-reward loader" in res.stdout
     got = [json.loads(l) for l in out.read_text().splitlines()]
     assert [{k: v for k, v in g.items() if k != "reward"} for g in got] == rows
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
@@ -456,6 +569,49 @@ def test_score_only_writes_a_reward_per_row(hf_dir: Path, tmp_path: Path) -> Non
     with torch.no_grad():
         want = [model(**tok(r["prompt"] + r["response"], return_tensors="pt")).logits[0, 0].item() for r in rows]
     assert [g["reward"] for g in got] == pytest.approx(want, abs=1e-5)
+
+
+def test_score_equals_eval_score_only_and_offline_scoring_exactly(trained: Path, tmp_path: Path) -> None:
+    """`rmkit score` on an rmkit checkpoint: the very file `rmkit eval --score-only` writes (it
+    forwards there), and each reward exactly what inspect + load_scorer + score_records give
+    in-process, the path score-only always took (an over-long, truncated row included)."""
+    from rmkit.evaluate import score_records
+    from rmkit.inspection import inspect_checkpoint
+    from rmkit.scorer import load_scorer
+
+    rows = SCORE_ROWS + [{"prompt": "User: " + "long question " * 40 + "Assistant:", "response": " yes"}]
+    src, new, old = tmp_path / "rows.jsonl", tmp_path / "score.jsonl", tmp_path / "score-only.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ckpt = str(trained / "final")
+    res = rmkit("score", ckpt, "--data", str(src), "-o", str(new))
+    assert res.returncode == 0, res.stderr
+    assert "scored 4 rows" in res.stdout and "1 truncated to 64 tokens" in res.stdout
+    res = rmkit("eval", ckpt, "--score-only", "--data", str(src), "-o", str(old))
+    assert res.returncode == 0, res.stderr
+    assert new.read_bytes() == old.read_bytes()
+    records = [Record(r["prompt"], (r["response"],), (0.0,)) for r in rows]
+    _, want = score_records(load_scorer(inspect_checkpoint(ckpt)), records)
+    got = [json.loads(line) for line in new.read_text().splitlines()]
+    assert [g.pop("reward") for g in got] == [w[0] for w in want]  # exact, not approx
+    assert got == rows
+
+
+@pytest.mark.parametrize("case", ["missing", "bad-row", "same-file"])
+def test_score_bad_input_exits_2_with_a_clear_message(case: str, hf_dir: Path, tmp_path: Path) -> None:
+    src, out = tmp_path / "rows.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps(SCORE_ROWS[0]) + "\n" + json.dumps({"prompt": "p"}) + "\n")
+    if case == "missing":
+        args, msg = ["--data", str(tmp_path / "nope.jsonl"), "-o", str(out)], \
+            f"error: --data: no such data file: {tmp_path / 'nope.jsonl'}"
+    elif case == "bad-row":
+        args, msg = ["--data", str(src), "-o", str(out)], f"error: {src}:2: field 'response' must be a string (missing)"
+    else:
+        args, msg = ["--data", str(src), "-o", str(src)], "error: -o would overwrite the --data file"
+    res = rmkit("score", str(hf_dir), *args)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.startswith(msg), res.stderr
+    assert "Traceback" not in res.stderr and "hint:" in res.stderr
+    assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
 
 
 def _no_safetensors(tmp: Path, hf_dir: Path) -> Path:
@@ -519,7 +675,7 @@ def test_bad_input_exits_2_with_a_clear_message_and_no_json(case: str, trained: 
 
 
 def test_default_batch_size_is_16_on_a_gpu_and_1_on_a_cpu() -> None:
-    from rmkit.evaluate import default_batch_size
+    from rmkit.scorer import default_batch_size
 
     assert default_batch_size(torch.device("cpu")) == 1  # padding is pure waste where one text fills the cores
     assert default_batch_size(torch.device("cuda", 0)) == 16

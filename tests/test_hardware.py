@@ -30,7 +30,7 @@ def test_eval_chooses_like_training(monkeypatch) -> None:
     import torch
 
     import rmkit.hardware as hardware
-    from rmkit.evaluate import default_device
+    from rmkit.scorer import default_device
 
     if torch.cuda.is_available():
         pytest.skip("a GPU machine scores in bf16 on the GPU")

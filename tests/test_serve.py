@@ -92,7 +92,9 @@ def make_checkpoints(root: Path, tiny_model_dir: Path) -> dict[str, Path]:
 def offline(ckpts: dict[str, Path], domain: str, records: list[Record]) -> list[list[float]]:
     """What offline scoring gives: `score_records` on the full checkpoint, or on base + the one
     adapter (peft's LoRA layers, unmerged) for an adapter domain."""
-    from rmkit.evaluate import Checkpoint, Encoding, Scorer, inspect_checkpoint, load_scorer, score_records
+    from rmkit.evaluate import score_records
+    from rmkit.inspection import Checkpoint, Encoding, inspect_checkpoint
+    from rmkit.scorer import Scorer, load_scorer
 
     cpu, fp32 = torch.device("cpu"), torch.float32
     if domain in ("default", "plain"):

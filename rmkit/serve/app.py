@@ -8,7 +8,7 @@ pydantic, so each message names the exact field (`responses[3]`) and the limits 
 before anything is tokenized.
 
 Texts longer than the checkpoint's max_length are truncated exactly as offline scoring
-truncates them (`rmkit eval --score-only`), and the answer says so (`truncated`).
+truncates them (`rmkit score`), and the answer says so (`truncated`).
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def parse_get_reward(body: dict[str, Any], registry: Registry, cfg: ServeConfig)
     where each query's reward sits ((record, response)). With `prompts` (OpenRLHF sends them), a
     query that starts with its prompt is split there and queries of one prompt share one record,
     so the answer equals /v1/score; without them each full text is a response to an empty prompt
-    (as `rmkit eval --score-only` scores {"prompt": "", "response": text})."""
+    (as `rmkit score` scores {"prompt": "", "response": text})."""
     queries = _texts(body, "query", cfg)
     prompts: list[str] | None = None
     if body.get("prompts") is not None:

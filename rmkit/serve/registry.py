@@ -1,7 +1,7 @@
 """The models a server (or `rmkit.load`) holds, and the domains that name them.
 
 A domain is one reward function: a full checkpoint (an rmkit checkpoint or any Hugging Face reward
-folder, loaded by `rmkit.evaluate.load_scorer` exactly as `rmkit eval` loads it), or a LoRA adapter
+folder, loaded by `rmkit.scorer.load_scorer` exactly as `rmkit eval` loads it), or a LoRA adapter
 checkpoint of `rmkit train` with `model.lora`. Adapters of one base share ONE copy of that base in
 memory: the base is loaded once, every adapter is injected into it with peft under its own
 adapter name, and each domain keeps its own reward head (a [1, hidden] vector). Before a forward
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import torch
 
     from rmkit.data.collate import EncodedRecord
-    from rmkit.evaluate import Scorer
+    from rmkit.scorer import Scorer
 
 DEFAULT_DOMAIN = "default"
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")  # also a valid peft adapter name
@@ -105,36 +105,35 @@ class Registry:
         return domain
 
     def _add_full(self, name: str, folder: Path, trust_remote_code: bool) -> Domain:
-        from rmkit.evaluate import inspect_checkpoint, load_scorer
+        from rmkit.inspection import inspect_checkpoint
+        from rmkit.scorer import load_scorer
 
         ckpt = inspect_checkpoint(folder)
         model_id = str(folder.resolve())
         loaded = self.models.get(model_id)
         if loaded is not None:  # already loaded as some adapter's base: share it
-            scorer = self._scorer_on(loaded.model, ckpt)
+            scorer = self._scorer_on(loaded.model, ckpt, "the base an adapter loaded")
         else:
             scorer = load_scorer(ckpt, self.device, self.dtype, trust_remote_code)
             loaded = self.models[model_id] = LoadedModel(model_id, scorer.model)
         head = getattr(scorer.model, "score", None)
-        lineage = {"kind": ckpt.kind, "path": model_id, "encoding": ckpt.encoding.as_dict(),
+        lineage = {"kind": ckpt.kind, "path": model_id, "loader": scorer.loader, "encoding": ckpt.encoding.as_dict(),
                    **{k: ckpt.meta.get(k) for k in ("stage", "domain", "step", "parent", "pooling",
                                                     "base_model", "merged_from", "architectures")
                       if ckpt.meta.get(k) is not None}}
         return Domain(name, scorer, model_id, None, head, lineage)
 
-    def _scorer_on(self, model: Any, ckpt: Any) -> "Scorer":
-        """A Scorer for `ckpt` that runs on an already loaded model (its tokenizer loaded here)."""
-        from transformers import AutoTokenizer
+    def _scorer_on(self, model: Any, ckpt: Any, reason: str) -> "Scorer":
+        """A Scorer for `ckpt` that runs on an already loaded RewardModel (its tokenizer loaded here)."""
+        from rmkit.scorer import RMKIT_REWARD, Scorer
+        from rmkit.tokenizer import load_tokenizer
 
-        from rmkit.evaluate import Scorer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path), local_files_only=True)
-        if tokenizer.pad_token_id is None:  # as training does
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = load_tokenizer(ckpt.path)  # no pad token: EOS pads, as training does
         if ckpt.encoding.max_length is None:
             text = model.config.get_text_config()
             ckpt.encoding.max_length = int(getattr(text, "max_position_embeddings", 2048))
-        return Scorer(ckpt, model, tokenizer, int(tokenizer.pad_token_id), self.device, self.dtype)
+        return Scorer(ckpt, model, tokenizer, int(tokenizer.pad_token_id), self.device, self.dtype,
+                      loader=RMKIT_REWARD, loader_reason=reason)
 
     def _base_for(self, base: Path, pooling: str | None) -> LoadedModel:
         """The loaded model of `base`, loading it (as a RewardModel) the first time it is named."""
@@ -159,7 +158,7 @@ class Registry:
         from peft import LoraConfig, inject_adapter_in_model
         from peft.tuners.lora import LoraLayer
 
-        from rmkit.evaluate import Checkpoint, Encoding
+        from rmkit.inspection import Checkpoint, Encoding
         from rmkit.lora import ADAPTER_NAME, HEAD_KEY, adapter_fingerprint, read_adapter
         from rmkit.merge import check_base, read_adapter_meta
 
@@ -197,8 +196,9 @@ class Registry:
         encoding = Encoding("prompt+response", int(enc.get("max_length", 512)), enc.get("truncation_side", "left"),
                             enc.get("padding_side", "right"), bool(enc.get("append_eos", False)))
         ckpt = Checkpoint(folder, str(folder), "rmkit", {k: v for k, v in meta.items() if k != "files"}, encoding, None)
-        scorer = self._scorer_on(model, ckpt)
-        lineage = {"kind": "adapter", "path": str(folder.resolve()), "encoding": encoding.as_dict(),
+        scorer = self._scorer_on(model, ckpt, "a LoRA adapter on its base")
+        lineage = {"kind": "adapter", "path": str(folder.resolve()), "loader": scorer.loader,
+                   "encoding": encoding.as_dict(),
                    **{k: meta.get(k) for k in ("stage", "domain", "step", "parent", "pooling", "lora")
                       if meta.get(k) is not None},
                    "base": {"path": str(base.resolve()), "fingerprint": base_fp},
@@ -277,7 +277,8 @@ class Registry:
 def build_registry(main: str | Path, domains: list[tuple[str, str]] | None = None, device: Any = None,
                    dtype: Any = None, trust_remote_code: bool = False) -> Registry:
     """Check every folder first (a bad one fails before any weights load), then load each once."""
-    from rmkit.evaluate import default_device, inspect_checkpoint
+    from rmkit.inspection import inspect_checkpoint
+    from rmkit.scorer import default_device
 
     pairs = [(DEFAULT_DOMAIN, str(main))] + list(domains or [])
     names = [n for n, _ in pairs]
