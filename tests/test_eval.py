@@ -279,6 +279,15 @@ def test_report_names_the_loader_of_each_checkpoint(hf_dir: Path, tmp_path: Path
             "has none): one right-padded row per text") in flat
 
 
+def test_served_domains_name_their_loader(hf_dir: Path, tmp_path: Path) -> None:
+    """`rmkit serve` / `rmkit.load` load through the same loader, and /v1/models says which."""
+    from rmkit.serve.registry import build_registry
+
+    registry = build_registry(hf_dir, [("biased", str(_biased(tmp_path, hf_dir)))], torch.device("cpu"), torch.float32)
+    assert [(m["id"], m["kind"], m["loader"]) for m in registry.describe()] == [
+        ("default", "hf", "rmkit-reward"), ("biased", "hf", "hf-sequence-classification")]
+
+
 def test_hf_folder_truncation_keeps_bos_and_the_end_and_is_counted(hf_dir: Path) -> None:
     from transformers import AutoTokenizer
 
