@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from rmkit.checkpoint import META_FILE
 from rmkit.console import console
 from rmkit.errors import RmkitError
 from rmkit.io import atomic_file, atomic_write_json, atomic_write_text, sha256_text
@@ -141,7 +142,7 @@ def run_sweep(recipe_path: str, domain: str, weights: list[float], enrich: list[
             results.append(row)
             continue
         key = sha256_text(dump_recipe(r))
-        if done.exists() and (run / "final" / "meta.json").exists():
+        if done.exists() and (run / "final" / META_FILE).exists():
             if ledger.get(p.name, key) != key:  # same folder, other settings: never pass old numbers off as new
                 row["status"] = (f"stale: {run} was trained with another recipe; delete it or sweep into another -o")
                 console.print(f"[red]point {p.name}[/]: {row['status']}")

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
-from rmkit.checkpoint import check_weights, list_checkpoints
+from rmkit.checkpoint import META_FILE, check_weights, list_checkpoints
 from rmkit.console import console
 from rmkit.errors import RmkitError
 from rmkit.recipe import Recipe, dump_recipe
@@ -133,7 +133,7 @@ def train(recipe: Recipe, resume: bool = False, dry_run: bool = False,
         raise RmkitError(f"nothing to resume in {run_dir}", hint="start it without --resume")
     existed = set(os.listdir(run_dir)) if run_dir.is_dir() else None
     with run_lock(run_dir):
-        done = (run_dir / "final" / "meta.json").exists()
+        done = (run_dir / "final" / META_FILE).exists()
         if resume:
             if done:
                 console.print(f"{run_dir} already finished; final model in {run_dir / 'final'}")

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from rmkit import __version__
+from rmkit.checkpoint import META_FILE
 from rmkit.data.records import write_records
 from rmkit.data.sources import load_eval_sets, load_spec
 from rmkit.errors import RmkitError
+from rmkit.inspection import tensor_names
 from rmkit.io import atomic_write_json, atomic_write_text, sha256_file, sha256_text
 from rmkit.recipe import Recipe, dump_recipe, resolve_ds_config_path
 
-META_FILE = "meta.json"
 
 
 @dataclass
@@ -68,18 +69,6 @@ def read_parent_meta(model_path: Path) -> dict[str, Any] | None:
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
-def _reward_head_keys(model_path: Path) -> set[str]:
-    """Tensor names in the folder's safetensors headers (nothing is loaded)."""
-    import struct
-
-    keys: set[str] = set()
-    for f in sorted(model_path.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            keys |= set(json.loads(fh.read(n))) - {"__metadata__"}
-    return keys
-
-
 def external_parent(model_path: Path) -> dict[str, Any]:
     """Any Hugging Face sequence-classification reward folder (TRL's or OpenRLHF's output, a released
     RM) as the GRFT stage a CRFT run continues: recorded in the lineage as an external GRFT stage
@@ -108,7 +97,7 @@ def external_parent(model_path: Path) -> dict[str, Any]:
     if labels != 1:
         raise RmkitError(f"{model_path} is a classifier with {labels} labels, not a reward model", where=where,
                          hint="a reward model has num_labels 1 (one scalar score per text)")
-    keys = _reward_head_keys(model_path)
+    keys = tensor_names(model_path)
     if "score.weight" not in keys:
         raise RmkitError(f"{model_path} has no `score` head ({archs[0]}): rmkit continues decoder reward models "
                          "(Llama, Qwen, Mistral, Gemma, ...)", where=where, hint=hint)
