@@ -262,3 +262,33 @@ def test_pairs_and_ties_one_rule_everywhere() -> None:
     assert result.margin_sum == pytest.approx(-0.2 + 0.4 + 0.5 + 0.7 + 0.1)
     assert readers.check_group(["a", "b"], [1.0, 1.0]) == readers.TIES
     assert readers.check_group(["a", "b", "c"], [1.0, 1.0, 0.0]) is None
+
+
+def test_one_jsonl_parser_for_readers_and_canonical_files(tmp_path: Path) -> None:
+    """load_source's JSONL container and read_records parse alike: blank lines skipped, lines
+    numbered from 1 in the file, and a U+2028 inside a string (json.dumps(ensure_ascii=False)
+    writes it raw) is not a line break."""
+    from rmkit.data.records import iter_jsonl, read_records
+
+    rec = Record("p\u2028q", ("a\u2029", "b"), (1.0, 0.0), "ok")
+    good = tmp_path / "ok.jsonl"
+    assert write_records(good, [rec]) == 1 and "\u2028" in good.read_text(encoding="utf-8")
+    assert read_records(good) == [rec] and load_source(good).records == [rec]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rec.to_json()) + "\r\n\r\n" + '{"prompt": 1,}\n', encoding="utf-8")
+    want = f"{bad}:3: invalid JSON: Expecting property name enclosed in double quotes (column 14)"
+    for read in (load_source, read_records, lambda p: list(iter_jsonl(p))):
+        with pytest.raises(RmkitError) as e:
+            read(bad)
+        assert str(e.value).splitlines()[0] == want
+        assert e.value.hint == "each line of a JSONL file must be one complete JSON object"
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt": "caf\xe9"}\n')
+    with pytest.raises(RmkitError, match="not UTF-8 text"):
+        read_records(latin)
+    truncated = tmp_path / "cut.jsonl"
+    truncated.write_text('{"prompt": "p",\n', encoding="utf-8")  # the error is at the line's end
+    for read in (load_source, read_records):
+        with pytest.raises(RmkitError, match=r"cut.jsonl:1: invalid JSON: Expecting property name enclosed in "
+                                             r"double quotes \(column 16\)"):
+            read(truncated)

@@ -8,6 +8,7 @@ reason in `ConvertResult.dropped`, and a file that yields no record at all is an
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections import Counter
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from rmkit.data.records import Record, strict_pairs
+from rmkit.data.records import Record, parse_jsonl, strict_pairs
 from rmkit.errors import RmkitError
 
 FORMATS = ("dsp", "text-score", "chosen-rejected", "canonical")
@@ -87,16 +88,7 @@ def _read_json_array(path: Path, text: str) -> _Rows:
 
 
 def _read_jsonl(path: Path, text: str) -> _Rows:
-    items = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            items.append((f"{path}:{lineno}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise RmkitError(f"invalid JSON: {e.msg} (column {e.colno})", where=f"{path}:{lineno}",
-                             hint="each line of a JSONL file must be one complete JSON object") from None
-    return _Rows(items, str(path))
+    return _Rows([(f"{path}:{lineno}", row) for lineno, row in parse_jsonl(io.StringIO(text), path)], str(path))
 
 
 def _read_with_datasets(path: Path) -> _Rows:

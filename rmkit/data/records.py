@@ -108,20 +108,33 @@ class Record:
         return Record(prompt, tuple(responses), tuple(float(s) for s in scores), source, domain, meta)
 
 
+def parse_jsonl(lines: Iterable[str], path: str | Path) -> Iterator[tuple[int, Any]]:
+    """Yield (line_number, parsed_object) for each non-blank line (numbered from 1); bad JSON
+    is an error naming `path:line`. The one JSONL parser: `iter_jsonl` (canonical files, eval's
+    score-only rows) and the readers' JSONL container both call it. Lines end at "\n" only, so
+    a U+2028 that `json.dumps(ensure_ascii=False)` left inside a string stays inside it; the
+    "\n" is dropped first, so an error at a line's end names that line's column."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line.removesuffix("\n"))
+        except json.JSONDecodeError as e:
+            raise RmkitError(f"invalid JSON: {e.msg} (column {e.colno})", where=f"{path}:{lineno}",
+                             hint="each line of a JSONL file must be one complete JSON object") from None
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line_number, parsed_object) for each non-blank line; bad JSON names file and line."""
+    """`parse_jsonl` over a file, read as UTF-8 line by line (any size)."""
     path = Path(path)
     if not path.exists():
         raise RmkitError(f"no such file: {path}", hint="check the path (relative paths are resolved from the current folder)")
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RmkitError(f"invalid JSON: {e.msg} (column {e.colno})", where=f"{path}:{lineno}",
-                                 hint="each line must be one complete JSON object") from None
+        try:
+            yield from parse_jsonl(f, path)
+        except UnicodeDecodeError as e:
+            raise RmkitError(f"not UTF-8 text ({e.reason})", where=str(path),
+                             hint="rmkit reads JSONL as UTF-8; re-encode the file") from None
 
 
 def read_records(path: str | Path) -> list[Record]:
