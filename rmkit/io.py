@@ -122,11 +122,10 @@ def atomic_write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, An
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Build a folder under a temporary name; rename it onto `path` only when the block succeeds.
-
-    An existing `path` is replaced only after the new folder is complete.
-    """
+def staging_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary folder beside `path` for a block that publishes it itself (`atomic_dir`
+    below, `checkpoint.finalize` in `rmkit merge`): whatever the block leaves unpublished is
+    removed, on success or failure, so an interrupted build leaves nothing behind."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,16 +133,29 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~_UMASK)
     except OSError as e:
         raise write_error(path, e) from None
-    ours = False
     try:
         yield tmp
-        ours = True
-        publish_dir(tmp, path)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and (ours or e.errno in DISK_ERRNOS):
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
             raise write_error(path, e) from None
         raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Build a folder under a temporary name; rename it onto `path` only when the block succeeds.
+
+    An existing `path` is replaced only after the new folder is complete.
+    """
+    path = Path(path)
+    with staging_dir(path) as tmp:
+        yield tmp
+        try:
+            publish_dir(tmp, path)
+        except OSError as e:
+            raise write_error(path, e) from None
 
 
 def publish_dir(tmp: Path, dest: Path) -> None:

@@ -8,10 +8,11 @@ OUT/
                         {adapter, adapter_fingerprint, base, base_fingerprint, lora}; written last
                         with the file table, like every rmkit checkpoint
 
-The folder is built under a temporary name and renamed into place only after the self-check:
-a few fixed pairs are scored by base + adapter (unmerged, through peft's layers) and by the
-written folder reloaded from disk; the largest reward difference is reported and, in fp32, must
-stay within float tolerance. Merging the same adapter into the same OUT again does nothing.
+The folder is built under a temporary name and finished like every rmkit checkpoint
+(`checkpoint.finalize`: meta.json with the file table written last, then an atomic rename), only
+after the self-check: a few fixed pairs are scored by base + adapter (unmerged, through peft's
+layers) and by the written folder reloaded from disk; the largest reward difference is
+reported and, in fp32, must stay within float tolerance. Merging the same adapter into the same OUT again does nothing.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from rmkit import __version__
-from rmkit.checkpoint import META_FILE, file_table, is_complete, read_meta
+from rmkit.checkpoint import META_FILE, finalize, is_complete, read_meta
 from rmkit.data.records import Record
 from rmkit.errors import RmkitError
-from rmkit.io import atomic_dir, atomic_write_json
+from rmkit.io import staging_dir, write_error
 from rmkit.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_fingerprint, apply_lora, base_fingerprint,
                         load_adapter_weights, lora_spec_from_config, merge_lora, read_adapter)
 
@@ -153,7 +154,7 @@ def merge(ckpt: Path, out: Path, base: Path | None = None, dtype: str = "fp32") 
     target = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     state = {k: v.to(target) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     scale = max(1.0, float(before.abs().max()))
-    with atomic_dir(out) as tmp:
+    with staging_dir(out) as tmp:
         model.save_pretrained(tmp, kind="reward", tokenizer=tokenizer, state_dict=state)
         del model, state
         if (ckpt / "rmkit_recipe.yaml").is_file():
@@ -171,10 +172,11 @@ def merge(ckpt: Path, out: Path, base: Path | None = None, dtype: str = "fp32") 
             "merged_from": {"adapter": str(ckpt.resolve()), "adapter_fingerprint": afp,
                             "base": str(base_path.resolve()), "base_fingerprint": bfp, "lora": meta.get("lora")},
             "merge_check": {"pairs": len(PROBES), "max_abs_diff": diff, "tolerance": tol, "loader": loader},
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
-        lineage["files"] = file_table(tmp)
-        atomic_write_json(tmp / META_FILE, lineage)
+        try:
+            finalize(tmp, out, lineage)  # meta.json with the file table last, then the rename
+        except OSError as e:
+            raise write_error(out, e) from None
     return MergeResult(out, False, afp, base_path, layers, diff, tol, len(PROBES), loader,
                        time.monotonic() - started)
 

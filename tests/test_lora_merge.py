@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rmkit.checkpoint import finalize, is_complete
+from rmkit.checkpoint import META_FILE, finalize, is_complete
 from rmkit.data.collate import collate, encode_record
 from rmkit.data.records import Record, write_records
 from rmkit.errors import RmkitError
@@ -128,6 +128,11 @@ def test_merged_equals_unmerged_and_loads_in_transformers(adapter, tmp_path: Pat
     torch.testing.assert_close(hf.model.layers[0].self_attn.q_proj.weight, base.layers[0].self_attn.q_proj.weight + delta)
     meta = json.loads((out / "meta.json").read_text())
     assert is_complete(out) and meta["stage"] == "crft" and meta["domain"] == "business" and meta["kind"] == "reward"
+    # finished by checkpoint.finalize, like every checkpoint: the file table, the time, meta.json last
+    table = {f.relative_to(out).as_posix(): f.stat().st_size for f in out.rglob("*") if f.is_file() and f.name != META_FILE}
+    assert meta["files"] == table and "model.safetensors" in table and meta["saved_at"]
+    last = (out / META_FILE).stat().st_mtime_ns
+    assert all(f.stat().st_mtime_ns <= last for f in out.rglob("*") if f.is_file())
     assert meta["merged_from"]["adapter"] == str(ckpt.resolve())
     assert meta["merged_from"]["base_fingerprint"] == base_fingerprint(tiny_model_dir)
     assert not list(out.parent.glob(".tmp-*"))
@@ -147,8 +152,10 @@ def test_peft_loads_the_adapter_checkpoint(adapter, tiny_model_dir: Path, tiny_t
     torch.testing.assert_close(got, _rewards(unmerged, batch), atol=1e-5, rtol=1e-5)
 
 
-def test_second_merge_is_a_noop_and_bf16_is_a_new_merge(adapter, tmp_path: Path) -> None:
-    ckpt, _ = adapter
+def test_second_merge_is_a_noop_and_bf16_is_a_new_merge(adapter, tmp_path: Path, tiny_tokenizer) -> None:
+    from safetensors import safe_open
+
+    ckpt, unmerged = adapter
     out = tmp_path / "merged"
     merge(ckpt, out)
     stamp = (out / "meta.json").stat().st_mtime_ns
@@ -159,8 +166,32 @@ def test_second_merge_is_a_noop_and_bf16_is_a_new_merge(adapter, tmp_path: Path)
         " ".join(res.stdout.split())
     assert (out / "meta.json").stat().st_mtime_ns == stamp
     again = merge(ckpt, out, dtype="bf16")
-    assert not again.skipped and again.max_diff <= again.tolerance
+    assert not again.skipped
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}  # really stored in bf16
+    # the folder as written, scored independently of merge's own check: bf16 rounding moves the
+    # rewards (so the weights were rounded) but by less than merge's bf16 tolerance
+    batch = _pairs(tiny_tokenizer)
+    want = _rewards(unmerged, batch)
+    got = _rewards(RewardModel.from_pretrained(out, dtype=torch.float32), batch)
+    diff = float((got - want).abs().max())
+    assert 0.0 < diff <= 5e-2 * max(1.0, float(want.abs().max()))
+    assert json.loads((out / "meta.json").read_text())["merge_check"]["max_abs_diff"] == again.max_diff
+
+
+def test_self_check_failure_writes_nothing(adapter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A merge whose reloaded rewards leave the tolerance is refused and leaves no folder, not
+    even a temporary one (bf16 rounding against a tolerance of 0)."""
+    import rmkit.merge
+
+    ckpt, _ = adapter
+    monkeypatch.setattr(rmkit.merge, "TOLERANCE", {"fp32": 0.0, "bf16": 0.0})
+    with pytest.raises(RmkitError) as e:
+        merge(ckpt, tmp_path / "merged", dtype="bf16")
+    assert e.value.problem.startswith("merged rewards differ from base + adapter by ")
+    assert e.value.problem.endswith(f"(tolerance 0); nothing was written to {tmp_path / 'merged'}")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_wrong_base_is_refused(adapter, tmp_path: Path, tiny_model_dir: Path) -> None:
