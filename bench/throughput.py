@@ -189,17 +189,16 @@ def worker_trl(spec: dict[str, Any], checkpointing: bool) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, TrainerCallback
     from transformers.utils import logging as hf_logging
     from trl import RewardConfig, RewardTrainer
 
     from rmkit.data.records import read_records
+    from rmkit.tokenizer import load_tokenizer
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(spec["threads"])
-    tok = AutoTokenizer.from_pretrained(spec["model"])
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    tok = load_tokenizer(spec["model"])
     model = AutoModelForSequenceClassification.from_pretrained(spec["model"], num_labels=1, dtype=torch.float32,
                                                                attn_implementation="sdpa")
     model.config.pad_token_id = tok.pad_token_id
@@ -244,18 +243,18 @@ def worker_original(spec: dict[str, Any], imitation_weight: float, pad_to_max: b
     every row padded to max_length."""
     import torch
     import torch.nn.functional as F
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from rmkit.data.collate import encode_record
     from rmkit.data.records import read_records
     from rmkit.model import RewardModel
+    from rmkit.tokenizer import load_tokenizer
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(spec["model"])
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    tok = load_tokenizer(spec["model"])
+    pad = tok.pad_token_id
     model = RewardModel.from_pretrained(spec["model"], pooling="eos").train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     records = read_records(Path(spec["data"]))

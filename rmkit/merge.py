@@ -131,10 +131,10 @@ def merge(ckpt: Path, out: Path, base: Path | None = None, dtype: str = "fp32") 
     base_path, bfp = check_base(meta, ckpt, base)
 
     import torch
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from rmkit.model import RewardModel
+    from rmkit.tokenizer import load_tokenizer
 
     hf_logging.disable_progress_bar()  # our own lines say what happens; no per-load bars
     model = RewardModel.from_pretrained(base_path, pooling=meta.get("pooling"), dtype=torch.float32)
@@ -146,7 +146,7 @@ def merge(ckpt: Path, out: Path, base: Path | None = None, dtype: str = "fp32") 
     apply_lora(model, lora_spec_from_config(config), seed=0)
     load_adapter_weights(model, tensors, ckpt)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(ckpt), local_files_only=True)
+    tokenizer = load_tokenizer(ckpt)
     batch = _probe_batch(tokenizer, meta.get("encoding", {}))
     with torch.no_grad():
         before = model(batch.input_ids, batch.attention_mask, batch.position_ids).rewards

@@ -292,3 +292,19 @@ def test_one_jsonl_parser_for_readers_and_canonical_files(tmp_path: Path) -> Non
         with pytest.raises(RmkitError, match=r"cut.jsonl:1: invalid JSON: Expecting property name enclosed in "
                                              r"double quotes \(column 16\)"):
             read(truncated)
+
+
+def test_stats_tokenizer_pads_with_eos_like_everywhere(tmp_path: Path) -> None:
+    """`rmkit data stats --tokenizer` loads through rmkit.tokenizer: a tokenizer saved without a
+    pad token pads with EOS (id 1 in the tiny tokenizer), as training, eval and merge do."""
+    from conftest import build_tiny_tokenizer
+
+    from rmkit.data.stats import load_tokenizer
+
+    tok = build_tiny_tokenizer()
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert (loaded.pad_token_id, loaded.eos_token_id) == (1, 1)
+    with pytest.raises(RmkitError, match=f"no tokenizer folder at {tmp_path / 'nowhere'}"):
+        load_tokenizer(tmp_path / "nowhere")

@@ -74,14 +74,15 @@ def compute_stats(records: list[Record], tokenizer: Tokenizer | None = None) -> 
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Any:
-    """A tokenizer from a local folder only (never the hub)."""
+    """`rmkit.tokenizer.load_tokenizer` (local files only, pad as everywhere else) for `rmkit
+    data stats --tokenizer`, with the folder's problems as user-facing errors."""
     if not os.path.isdir(path):
         raise RmkitError(f"no tokenizer folder at {path}",
                          hint="pass a local folder holding tokenizer files (e.g. a saved model checkpoint)")
-    from transformers import AutoTokenizer  # heavy: only when token lengths are asked for
+    from rmkit.tokenizer import load_tokenizer as load  # heavy (transformers): only when token lengths are asked for
 
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return load(path)
     except Exception as e:  # transformers raises several types for an incomplete folder
         raise RmkitError(f"cannot load a tokenizer from {path}: {e}",
                          hint="the folder needs tokenizer.json or the slow tokenizer's files") from None
