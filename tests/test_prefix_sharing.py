@@ -214,14 +214,24 @@ def test_sdpa_gets_the_mask_and_honours_it(model, tiny_tokenizer, tiny_model_dir
     assert torch.equal(seen[0][:, 0], reference_mask(b.segment_ids, b.record_index))
     assert not seen[0].all()  # something is masked: the responses of a record do not see each other
 
-    # changing response 2 of record 0 leaves response 1 (and record 1) untouched
-    changed = EncodedRecord(enc[0].prompt_ids, [enc[0].response_ids[0], [50, 51, 52]], enc[0].scores)
-    b2 = collate([changed, *enc[1:]], tiny_tokenizer.pad_token_id, pack=True)
-    with torch.no_grad():
-        other = model(**b2.model_inputs()).rewards
-    assert_close(other[0], base[0], atol=1e-6, rtol=1e-6)
+    # What the mask must prevent: a later response attending to an earlier one in its row.
+    # Editing response 1 of record 0 (same length, so the layout is unchanged) changes its own
+    # reward only: response 2, which follows it in the row, and every other record keep theirs.
+    def rewards_with(first: list[int], prompt: list[int]) -> torch.Tensor:
+        edited = EncodedRecord(prompt, [first, *enc[0].response_ids[1:]], enc[0].scores)
+        b2 = collate([edited, *enc[1:]], tiny_tokenizer.pad_token_id, pack=True)
+        assert torch.equal(b2.segment_ids, b.segment_ids)
+        with torch.no_grad():
+            return model(**b2.model_inputs()).rewards
+
+    first, prompt = enc[0].response_ids[0], enc[0].prompt_ids
+    other = rewards_with([50 + (t % 7) for t in first], prompt)
+    assert not torch.allclose(other[0], base[0])
+    assert_close(other[1:], base[1:], atol=1e-6, rtol=1e-6)
+    # Editing the shared prompt (its last token) reaches both of record 0's responses, nothing else.
+    other = rewards_with(first, prompt[:-1] + [prompt[-1] % 50 + 60])
+    assert not torch.allclose(other[0], base[0]) and not torch.allclose(other[1], base[1])
     assert_close(other[2:], base[2:], atol=1e-6, rtol=1e-6)
-    assert not torch.allclose(other[1], base[1])
 
     eager = RewardModel(__import__("transformers").AutoModelForCausalLM.from_pretrained(
         str(tiny_model_dir), attn_implementation="eager")).eval()
