@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rmkit.data.collate import IGNORE_INDEX, EncodedRecord, collate, encode_record, length_grouped_order, special_prefix
+from rmkit.data.collate import IGNORE_INDEX, EncodedRecord, collate, encode_record, special_prefix
 from rmkit.data.records import Record
 
 X = IGNORE_INDEX
@@ -129,21 +129,6 @@ def test_encode_with_real_tokenizer(tiny_tokenizer, tiny_records) -> None:
     short = [encode_record(r, tok, max_length=8) for r in tiny_records]
     assert collate(short, tok.pad_token_id).n_truncated == 3
     assert max(max(e.row_lengths()) for e in short) == 8
-
-
-def test_length_grouped_order() -> None:
-    lengths = [(i * 37) % 101 for i in range(230)]
-    a = length_grouped_order(lengths, batch_size=4, seed=3)
-    assert a == length_grouped_order(lengths, batch_size=4, seed=3)
-    assert a != length_grouped_order(lengths, batch_size=4, seed=4)
-    flat = [i for batch in a for i in batch]
-    assert sorted(flat) == list(range(230))
-    assert all(1 <= len(batch) <= 4 for batch in a) and sum(len(b) == 4 for b in a) >= 57
-    for batch in a:  # sorted within a mega-batch: each batch is a run of descending lengths
-        assert [lengths[i] for i in batch] == sorted((lengths[i] for i in batch), reverse=True)
-    # grouping cuts padding: mean spread inside a batch is far below a random batching's
-    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in a) / len(a)
-    assert spread < 5
 
 
 def test_unique_preferred_rule_shared_by_imitation_and_eval() -> None:

@@ -12,7 +12,7 @@ import pytest
 from rmkit.data.mix import largest_remainder, manifest_path, mix_files, mix_records, parse_source
 from rmkit.data.readers import load_source
 from rmkit.data.records import Record, read_records, write_records
-from rmkit.data.split import in_test, split_file, split_records
+from rmkit.data.split import bucket, split_file, split_records
 from rmkit.errors import RmkitError
 from rmkit.io import sha256_file
 
@@ -109,16 +109,23 @@ def test_mix_files_error_leaves_nothing(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- split
 
 
-def test_in_test_deterministic_and_salted() -> None:
-    prompts = [f"prompt {i}" for i in range(2000)]
-    first = [in_test(p, 0.2) for p in prompts]
-    assert first == [in_test(p, 0.2) for p in prompts]
-    assert 300 < sum(first) < 500  # about 20%
-    assert first != [in_test(p, 0.2, salt="x") for p in prompts]
-    assert all(a <= b for a, b in zip(first, [in_test(p, 0.3) for p in prompts]))  # a larger fraction only adds
-    assert in_test("anything", 0.0) is False and in_test("anything", 1.0) is True
+def test_split_sides_deterministic_salted_and_monotone() -> None:
+    """The side of a prompt is a pure function of (prompt, fraction, salt): the same in any run,
+    moved by the salt, and a larger fraction only adds prompts to the test side."""
+    # sha256(NUL "prompt 0")[:8] / 2**64, and with salt "x": pinned so a split never moves silently
+    assert bucket("prompt 0") == 0.44976663739226863 and bucket("prompt 0", "x") == 0.9389114510803965
+    recs = [Record(f"prompt {i}", ("a", "b"), (1.0, 0.0)) for i in range(2000)]
+
+    def test_side(fraction: float, salt: str = "") -> set[str]:
+        return {r.prompt for r in split_records(recs, fraction, salt)[1]}
+
+    first = test_side(0.2)
+    assert first == test_side(0.2) and 300 < len(first) < 500  # about 20%
+    assert first != test_side(0.2, salt="x")
+    assert first < test_side(0.3)
+    assert test_side(0.0) == set() and len(test_side(1.0)) == 2000
     with pytest.raises(RmkitError, match="between 0 and 1"):
-        in_test("x", 1.5)
+        split_records(recs, 1.5)
 
 
 def test_split_records_disjoint_prompts() -> None:

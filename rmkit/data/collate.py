@@ -10,7 +10,6 @@ Nothing here touches torch.distributed: ranks get their batches from the caller.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
@@ -542,23 +541,3 @@ def packing_pays(encoded: Sequence[EncodedRecord], attention_scale: float = DEFA
 
     return cost(len(bin_pack(lengths, width)), width) < cost(rows, plain)
 
-
-def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int) -> list[list[int]]:
-    """Batches of indices with similar lengths, in random order, deterministic from `seed`.
-
-    Shuffle all indices, sort each mega-batch of 50 * batch_size by length (longest first), cut
-    it into batches, then shuffle the batches: little padding, yet no global length order.
-    The last batch of each mega-batch may be smaller.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    rng = random.Random(seed)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    mega = 50 * batch_size
-    batches: list[list[int]] = []
-    for start in range(0, len(order), mega):
-        group = sorted(order[start:start + mega], key=lambda i: -lengths[i])
-        batches.extend(group[k:k + batch_size] for k in range(0, len(group), batch_size))
-    rng.shuffle(batches)
-    return batches

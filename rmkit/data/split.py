@@ -36,12 +36,6 @@ def bucket(prompt: str, salt: str = "") -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def in_test(prompt: str, fraction: float, salt: str = "") -> bool:
-    """Whether `prompt` belongs to the test side of a `fraction` split under `salt`."""
-    _check_fraction(fraction)
-    return bucket(prompt, salt) < fraction
-
-
 def split_records(records: Iterable[Record], fraction: float, salt: str = "") -> tuple[list[Record], list[Record]]:
     """(train, test), each keeping the input order; one prompt never lands on both sides."""
     _check_fraction(fraction)
