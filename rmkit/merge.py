@@ -26,6 +26,7 @@ from typing import Any
 
 from rmkit import __version__
 from rmkit.checkpoint import META_FILE, finalize, is_complete, read_meta
+from rmkit.data.readers import chat_prompt
 from rmkit.data.records import Record
 from rmkit.errors import RmkitError
 from rmkit.io import staging_dir, write_error
@@ -37,16 +38,16 @@ DTYPES = ("fp32", "bf16")
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}  # x max(1, largest |reward|)
 FP_SHOWN = 16  # fingerprint characters shown in messages
 
-PROBES = [
-    Record("User: how do I bake bread?\nAssistant:", (" Mix flour, water, salt and yeast; knead, rise, bake.",
-                                                       " I don't know."), (1.0, 0.0)),
-    Record("User: write one line about the sea.\nAssistant:", (" Grey waves fold the light into the shore.",
-                                                                " The sea is water."), (1.0, 0.0)),
-    Record("User: what should a quarterly report open with?\nAssistant:",
-           (" The bottom line: revenue, margin and the one decision needed.", " A long story."), (1.0, 0.0)),
-    Record("User: cite a source for the boiling point of water.\nAssistant:",
-           (" At sea level water boils at 100 C (CRC Handbook of Chemistry and Physics).", " Trust me."), (1.0, 0.0)),
-]
+# The self-check's pairs, rendered as the data layer renders a user turn (readers.chat_prompt),
+# so the probe prompts look like what the adapter was trained on.
+PROBES = [Record(chat_prompt([("user", question)]), (good, bad), (1.0, 0.0)) for question, good, bad in (
+    ("how do I bake bread?", "Mix flour, water, salt and yeast; knead, rise, bake.", "I don't know."),
+    ("write one line about the sea.", "Grey waves fold the light into the shore.", "The sea is water."),
+    ("what should a quarterly report open with?", "The bottom line: revenue, margin and the one decision needed.",
+     "A long story."),
+    ("cite a source for the boiling point of water.",
+     "At sea level water boils at 100 C (CRC Handbook of Chemistry and Physics).", "Trust me."),
+)]
 
 
 @dataclass

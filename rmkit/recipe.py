@@ -65,7 +65,6 @@ class DataSpec(_Strict):
     allow_repeat: bool = False
     test_fraction: float = Field(0.1, gt=0, lt=1)
     split_salt: str = ""
-    template: Literal["raw"] = "raw"
     max_length: int = Field(512, gt=8)
     truncation_side: Literal["left", "right"] = "left"
     padding_side: Literal["left", "right"] = "right"
@@ -73,6 +72,23 @@ class DataSpec(_Strict):
     # computed once), chosen per micro-batch when it costs less; false = one row per response
     # (for models whose attention ignores a custom 4-D mask, e.g. some remote-code models).
     prefix_sharing: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_template(cls, data: Any) -> Any:
+        """`data.template` is gone (prompts are rendered by the readers, `REMOVED_KEYS`). Its only
+        value ever accepted, "raw", is in every resolved recipe saved so far (run folders,
+        checkpoints), so it is dropped and those still resume and evaluate; any other value
+        stays, to be refused as a removed key."""
+        if isinstance(data, dict) and data.get("template") == "raw":
+            data = {k: v for k, v in data.items() if k != "template"}
+        return data
+
+    @property
+    def template(self) -> str:
+        """Transitional: what train/loop.py still writes as meta.json's encoding.template; goes
+        with that line."""
+        return "raw"
 
     @model_validator(mode="after")
     def _weights_all_or_none(self) -> "DataSpec":
@@ -266,12 +282,22 @@ def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
     return cls
 
 
+# Keys a recipe may no longer set: dotted path -> why, and what to do instead.
+REMOVED_KEYS = {
+    "data.template": "removed: prompts are rendered by the data readers, DSP queries and chat messages "
+                     "as '## Human:' / '## Assistant:', text-score and chosen-rejected dialogues as they "
+                     "are written; delete this line",
+}
+
+
 def _format_errors(err: ValidationError, where: str) -> RmkitError:
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         dotted = ".".join(str(p) for p in loc) or "(top)"
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and dotted in REMOVED_KEYS:
+            lines.append(f"  {dotted}: {REMOVED_KEYS[dotted]}")
+        elif e["type"] == "extra_forbidden":
             owner = _model_at(loc[:-1])
             names = list(owner.model_fields) if owner else []
             close = difflib.get_close_matches(str(loc[-1]), names, n=1)

@@ -314,3 +314,18 @@ def test_lora_run_killed_then_resumed_equals_uninterrupted(tmp_path: Path, tiny_
     assert a.keys() == b.keys() == ADAPTER_KEYS
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_probes_are_rendered_as_the_data_layer_renders(tmp_path: Path) -> None:
+    """merge's self-check prompts are what `load_source` makes of the same question as a chat
+    row (data.template is gone: the readers' rendering is the only one)."""
+    from rmkit.data.readers import load_source
+    from rmkit.merge import PROBES
+
+    assert PROBES[0].prompt == "## Human:\nhow do I bake bread?\n\n## Assistant:\n"
+    rows = [{"prompt": [{"role": "user", "content": p.prompt.split("\n")[1]}],
+             "chosen": [{"role": "assistant", "content": p.responses[0]}],
+             "rejected": [{"role": "assistant", "content": p.responses[1]}]} for p in PROBES]
+    (tmp_path / "chat.json").write_text(json.dumps(rows))
+    assert [(r.prompt, r.responses, r.scores) for r in load_source(tmp_path / "chat.json").records] == \
+        [(p.prompt, p.responses, p.scores) for p in PROBES]

@@ -141,3 +141,26 @@ def test_micro_batches_group_by_length() -> None:
     r0 = micro_batches(ids, lengths, micro=2, world=2, rank=0)
     r1 = micro_batches(ids, lengths, micro=2, world=2, rank=1)
     assert r0 == [[2, 6], [7, 3]] and r1 == [[4, 0], [5, 1]]
+
+
+def test_data_template_is_removed(tmp_path: Path) -> None:
+    """data.template is gone: any value but "raw" is refused naming the key and the fix; "raw",
+    which every resolved recipe saved so far holds, still loads (runs resume, checkpoints
+    evaluate) and is no longer dumped."""
+    import yaml
+
+    from rmkit.recipe import dump_recipe
+
+    base = "stage: grft\nmodel: {path: x}\ntrain: {lr: 1e-5, global_batch: 8}\n"
+    p = _write(tmp_path, base + "data: {train: [{path: a}], template: hh}\n")
+    with pytest.raises(RmkitError) as e:
+        load_recipe(p)
+    assert e.value.problem == (
+        "1 problem in the recipe:\n  data.template: removed: prompts are rendered by the data readers, DSP "
+        "queries and chat messages as '## Human:' / '## Assistant:', text-score and chosen-rejected dialogues "
+        "as they are written; delete this line")
+    old = load_recipe(_write(tmp_path, base + "data: {train: [{path: a}], template: raw}\n"))
+    assert "template" not in old.model_dump()["data"] and "template" not in dump_recipe(old)
+    saved = yaml.safe_load(dump_recipe(old))
+    saved["data"]["template"] = "raw"  # a run folder's recipe.yaml written before the key went
+    assert Recipe.model_validate(saved) == old

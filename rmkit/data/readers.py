@@ -208,8 +208,8 @@ def check_group(responses: list[str], scores: list[float]) -> str | None:
 
 
 def dsp_prompt(query: str) -> str:
-    """The paper's template around a DSP query; the response follows directly."""
-    return MD_HUMAN + query + "\n\n" + MD_ASSISTANT
+    """A DSP query as a one-turn chat prompt (`chat_prompt`); the response follows directly."""
+    return chat_prompt([("user", query)])
 
 
 def _dsp_domains(rows: _Rows) -> list[str]:
@@ -324,7 +324,7 @@ def _add_dialogues(texts: list[str], scores: list[float], domain: str | None, so
 
 # --------------------------------------------------------------------------- chosen-rejected
 
-_ROLE_TAGS = {"user": "## Human:\n", "human": "## Human:\n", "assistant": MD_ASSISTANT, "system": "## System:\n"}
+_ROLE_TAGS = {"user": MD_HUMAN, "human": MD_HUMAN, "assistant": MD_ASSISTANT, "system": "## System:\n"}
 
 
 def _messages(value: Any, name: str, where: str) -> list[tuple[str, str]]:
@@ -345,8 +345,9 @@ def render_messages(msgs: list[tuple[str, str]]) -> str:
     return "\n\n".join(_ROLE_TAGS[role] + content for role, content in msgs)
 
 
-def _prompt_text(msgs: list[tuple[str, str]]) -> str:
-    """A rendered history ending with the assistant tag, so the response follows directly."""
+def chat_prompt(msgs: list[tuple[str, str]]) -> str:
+    """A rendered history ending with the assistant tag, so the response follows directly: the
+    one prompt template of the data layer (DSP queries, chat-message prompts, merge's probes)."""
     return (render_messages(msgs) + "\n\n" if msgs else "") + MD_ASSISTANT
 
 
@@ -401,7 +402,7 @@ def _read_chosen_rejected(rows: _Rows, domain: str | None, out: ConvertResult, s
                     raise RmkitError("field 'prompt' is a string but 'chosen' is a message list", where=where,
                                      hint="use strings for all three fields or message lists for all three")
                 hist = _messages(prompt, "prompt", where)
-            prompt_text = _prompt_text(hist)
+            prompt_text = chat_prompt(hist)
             texts = [_response_text(c, where, "chosen"), _response_text(r, where, "rejected")]
         reason = check_group(texts, [1.0, 0.0])
         if reason:
