@@ -1,0 +1,136 @@
+"""bench/paper_results.py's pure functions, on hand-computed cases (no training, no rmkit calls)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parent.parent / "bench" / "paper_results.py"
+_spec = importlib.util.spec_from_file_location("paper_results", _PATH)
+pr = importlib.util.module_from_spec(_spec)
+sys.modules["paper_results"] = pr
+_spec.loader.exec_module(pr)
+
+
+# ---- claim verdict from the paired interval ---------------------------------------------------------
+
+@pytest.mark.parametrize("lo, hi, expect, want", [
+    (0.01, 0.05, 1, "holds"),          # entirely above 0, claim says positive
+    (-0.02, 0.03, 1, "not shown"),     # across 0
+    (-0.05, -0.01, 1, "reversed"),     # entirely below 0
+    (0.0, 0.04, 1, "not shown"),       # touching 0 is not beyond it
+    (-0.04, 0.0, 1, "not shown"),
+    (-0.05, -0.01, -1, "holds"),       # claim says negative (CRFT lowers general accuracy)
+    (0.01, 0.05, -1, "reversed"),
+    (-0.01, 0.01, -1, "not shown"),
+    (0.0, 0.0, 1, "not shown"),        # identical models: exactly 0
+])
+def test_verdict(lo, hi, expect, want):
+    assert pr.verdict(lo, hi, expect) == want
+
+
+def test_verdict_missing_and_bad_sign():
+    assert pr.verdict(None, 0.1) == "not run yet"
+    assert pr.verdict(float("nan"), 0.1) == "not run yet"
+    with pytest.raises(ValueError):
+        pr.verdict(0.1, 0.2, 0)
+
+
+# ---- staleness of a finished run: run.json vs HEAD and the current recipe ----------------------------
+
+HEAD = "a" * 40
+OLD = "b" * 40
+SHA = "c" * 64
+
+
+def info(commit=HEAD, sha=SHA):
+    return {"git_commit": commit, "recipe_sha256": sha, "rmkit_version": "0.1.0"}
+
+
+def test_fresh_when_same_commit_and_recipe():
+    assert pr.stale_reason(info(), SHA, HEAD, lambda c: True) is None  # same commit: rmkit_changed not asked
+
+
+def test_other_commit_without_rmkit_changes_is_fresh():
+    asked = []
+    assert pr.stale_reason(info(OLD), SHA, HEAD, lambda c: asked.append(c) or False) is None
+    assert asked == [OLD]
+
+
+def test_other_commit_with_rmkit_changes_is_stale():
+    why = pr.stale_reason(info(OLD), SHA, HEAD, lambda c: True)
+    assert why and "other code" in why and OLD[:10] in why
+
+
+def test_unknown_commit_is_stale():
+    assert "unknown" in pr.stale_reason(info(OLD), SHA, HEAD, lambda c: None)
+
+
+def test_other_recipe_is_stale_even_on_the_same_commit():
+    why = pr.stale_reason(info(sha="d" * 64), SHA, HEAD, lambda c: False)
+    assert why and why.startswith("other settings") and "dddddddddddd" in why
+
+
+def test_missing_records_are_stale():
+    assert pr.stale_reason(None, SHA, HEAD, lambda c: False) == "no run.json"
+    assert pr.stale_reason(info(commit=None), SHA, HEAD, lambda c: False) == "no git commit recorded"
+
+
+def test_recipe_not_checked_when_unknown():  # eval caches carry no recipe: only the commit counts
+    assert pr.stale_reason({"recipe_sha256": None, "git_commit": HEAD}, None, HEAD, lambda c: True) is None
+    assert pr.stale_reason({"recipe_sha256": None, "git_commit": OLD}, None, HEAD, lambda c: True)
+
+
+# ---- split counts --------------------------------------------------------------------------------------
+
+def counts(dsp_prompts=119, helpful=444, harmless=447, webgpt=118):
+    c = {f"dsp-{d}": {"records": dsp_prompts, "pairs": 4 * dsp_prompts, "prompts": dsp_prompts} for d in pr.DOMAINS}
+    c["helpful"] = {"records": helpful, "pairs": helpful, "prompts": helpful}
+    c["harmless"] = {"records": harmless, "pairs": harmless, "prompts": harmless}
+    c["webgpt"] = {"records": webgpt, "pairs": webgpt, "prompts": webgpt}
+    return c
+
+
+def test_split_counts_pass():
+    assert pr.split_problems(counts()) == []
+    assert pr.split_problems(counts(dsp_prompts=100, helpful=400, harmless=400)) == []  # the floors themselves pass
+
+
+def test_split_counts_too_few():
+    got = pr.split_problems(counts(dsp_prompts=99, helpful=399, webgpt=0))
+    assert len(got) == 4 + 1 + 1  # four DSP domains, helpful, webgpt
+    assert "dsp-academy: 99 test queries, need >= 100" in got
+    assert "helpful: 399 test pairs, need >= 400" in got
+    assert "webgpt: no test pairs" in got
+
+
+def test_split_counts_use_queries_not_pairs_for_dsp():
+    c = counts()
+    c["dsp-business"] = {"records": 99, "pairs": 480, "prompts": 99}  # 480 pairs, but only 99 queries
+    assert pr.split_problems(c) == ["dsp-business: 99 test queries, need >= 100"]
+
+
+def test_split_counts_missing_sets():
+    c = counts()
+    del c["harmless"], c["dsp-literature"]
+    assert set(pr.split_problems(c)) == {"dsp-literature: no test side", "harmless: no test side"}
+
+
+# ---- where the GRFT curve stops rising -----------------------------------------------------------------
+
+def test_plateau():
+    # se at the peak: sqrt(.6 * .4 / 100) = 0.049; 0.56 is within it, 0.50 is not
+    pts = [(0, 0.50, 100), (100, 0.56, 100), (200, 0.60, 100), (300, 0.58, 100)]
+    got = pr.plateau(pts)
+    assert got["peak_x"] == 200 and got["stop_x"] == 100 and not got["still_rising"]
+    rising = pr.plateau([(0, 0.50, 100), (100, 0.60, 100), (200, 0.70, 100)])
+    assert rising["peak_x"] == 200 and rising["still_rising"]
+    assert pr.plateau([]) is None
+
+
+def test_wilson():
+    lo, hi = pr.wilson(50, 100)
+    assert round(lo, 4) == 0.4038 and round(hi, 4) == 0.5962
