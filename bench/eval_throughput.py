@@ -27,13 +27,14 @@ import argparse
 import contextlib
 import os
 import time
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from rmkit.checkpoint import META_FILE
 from rmkit.data.readers import load_source
 from rmkit.data.records import Record
 from rmkit.evaluate import score_records, set_result
@@ -52,7 +53,7 @@ def reward_folder(name: str) -> Path:
 
     path = resolve_model(name)
     archs = json.loads((path / "config.json").read_text()).get("architectures") or []
-    if (path / "meta.json").exists() or any(a.endswith("ForSequenceClassification") for a in archs):
+    if (path / META_FILE).exists() or any(a.endswith("ForSequenceClassification") for a in archs):
         return path
     out = cache_dir() / "bench" / f"{path.name}-reward"
     if not (out / "config.json").exists():
@@ -100,8 +101,7 @@ def hf_loop(folder: Path, encoded: list[Any], device: torch.device,
         t0 = time.perf_counter()
         rewards = [[one(e.prompt_ids + resp) for resp in e.response_ids] for e in encoded]
         seconds = time.perf_counter() - t0
-    del model
-    return seconds, rewards, positions.count
+    return seconds, rewards, positions.count  # the model is freed with this frame
 
 
 def rmkit_pass(scorer: Any, records: list[Record], batch_size: int, share: bool,
@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
     rows.insert(0, ("HF loop, one text per forward", hf_s, hf_pos, set_result(records, encoded, theirs).accuracy))
 
-    where = f"{device.type} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), {str(dtype).removeprefix('torch.')}"
+    runs_on = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    where = f"{device.type} ({runs_on}), {str(dtype).removeprefix('torch.')}"
     cols = ("scorer", "seconds", "pairs/s", "speed vs HF loop", "positions computed", "positions vs HF loop", "accuracy")
     t = Table(title=f"eval throughput: {args.model}, {pairs} pairs of {data_name}, max_length {args.max_length}, {where}")
     for col in cols:

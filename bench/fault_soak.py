@@ -35,10 +35,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+from conftest import build_tiny_model as tiny_model  # noqa: E402
+from test_faults import _metrics as metrics  # noqa: E402
+from test_faults import check_checkpoints as check  # noqa: E402
+from test_faults import group_alive, last_step  # noqa: E402
+
 from rmkit.checkpoint import META_FILE, list_checkpoints  # noqa: E402
 from rmkit.data.records import Record, write_records  # noqa: E402
-from conftest import build_tiny_model as tiny_model  # noqa: E402
-from test_faults import _metrics as metrics, check_checkpoints as check, group_alive, last_step  # noqa: E402
 
 STEPS, SAVE_EVERY, EVAL_EVERY = 12, 2, 3
 MODES = ("external", "progress", "step", "save", "eval", "nan", "enospc", "nanweights")

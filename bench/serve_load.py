@@ -45,9 +45,9 @@ ENC = {"max_length": 256, "truncation_side": "left", "padding_side": "right", "a
 def build_base(out: Path, hidden: int, layers: int) -> Path:
     """A random Llama saved as an rmkit GRFT-like reward checkpoint (meta.json with its encoding)."""
     import torch
+    from conftest import build_tiny_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from conftest import build_tiny_tokenizer
     from rmkit.checkpoint import finalize
     from rmkit.model import RewardModel
 
@@ -129,7 +129,7 @@ def _serve(ckpt: Path, extra: list[str]) -> tuple[subprocess.Popen[str], str]:
                 return proc, url
         except OSError:
             if proc.poll() is not None:
-                raise SystemExit(f"server exited: {proc.stderr.read()[-2000:]}")
+                raise SystemExit(f"server exited: {proc.stderr.read()[-2000:]}") from None
             time.sleep(0.2)
     raise SystemExit("server did not start")
 

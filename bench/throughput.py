@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> None:
     for mode, rs in runs.items():
         if not rs:
             continue
-        med = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
+        med = lambda key, rs=rs: statistics.median(r[key] for r in rs)  # noqa: E731
         impl = mode.split("/")[1]
         mfu = statistics.median(flops(r, mode, shape, lm_all=impl in ("original", "padmax")) / r["seconds"]
                                 for r in rs) / rate[precision]

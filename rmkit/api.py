@@ -45,10 +45,9 @@ def _prompt_text(value: Any, i: int) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        from rmkit.data.readers import MD_ASSISTANT, render_messages
+        from rmkit.data.readers import chat_prompt
 
-        msgs = _messages(value, f"prompts[{i}]")
-        return (render_messages(msgs) + "\n\n" if msgs else "") + MD_ASSISTANT
+        return chat_prompt(_messages(value, f"prompts[{i}]"))
     raise RmkitError(f"prompts[{i}] must be a string or a list of chat messages, got {type(value).__name__}")
 
 

@@ -23,6 +23,7 @@ from rmkit.data.sources import EvalSet, gather_sets
 from rmkit.errors import RmkitError
 from rmkit.inspection import inspect_checkpoint, short_labels
 from rmkit.io import atomic_write_json
+from rmkit.loss import pair_correct
 from rmkit.scorer import Scorer, default_batch_size, default_device, load_scorer
 from rmkit.stats import DEFAULT_RESAMPLES, DEFAULT_SEED
 
@@ -88,7 +89,7 @@ def pair_prompts(records: list[Record]) -> list[str]:
 def pair_outcomes(records: list[Record], rewards: list[list[float]]) -> list[bool]:
     """Per pair, in `Record.pairs()` order: reward(better) > reward(worse); an equal reward is
     wrong, as `tally` counts it."""
-    return [r[i] > r[j] for rec, r in zip(records, rewards) for i, j in rec.pairs()]
+    return [pair_correct(r[i], r[j]) for rec, r in zip(records, rewards) for i, j in rec.pairs()]
 
 
 def length_outcomes(records: list[Record]) -> list[bool]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rmkit.checkpoint import META_FILE
 from rmkit.data.sources import RECIPE_FILE
 from rmkit.errors import RmkitError
 
@@ -103,7 +104,7 @@ def inspect_checkpoint(path: str | Path, max_length: int | None = None) -> Check
     if max_length is not None and max_length < 2:
         raise RmkitError(f"--max-length must be at least 2, got {max_length}")
 
-    if (folder / "meta.json").exists():
+    if (folder / META_FILE).exists():
         from rmkit.checkpoint import read_meta
 
         meta = read_meta(folder)  # refuses a folder whose files do not match its meta.json

@@ -30,8 +30,17 @@ from rmkit.data.readers import chat_prompt
 from rmkit.data.records import Record
 from rmkit.errors import RmkitError
 from rmkit.io import staging_dir, write_error
-from rmkit.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_fingerprint, apply_lora, base_fingerprint,
-                        load_adapter_weights, lora_spec_from_config, merge_lora, read_adapter)
+from rmkit.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapter_fingerprint,
+    apply_lora,
+    base_fingerprint,
+    load_adapter_weights,
+    lora_spec_from_config,
+    merge_lora,
+    read_adapter,
+)
 
 DTYPES = ("fp32", "bf16")
 # fp32: merging only re-associates (W + s*B@A) x vs W x + s*B (A x); bf16 adds weight rounding.

@@ -84,12 +84,6 @@ class DataSpec(_Strict):
             data = {k: v for k, v in data.items() if k != "template"}
         return data
 
-    @property
-    def template(self) -> str:
-        """Transitional: what train/loop.py still writes as meta.json's encoding.template; goes
-        with that line."""
-        return "raw"
-
     @model_validator(mode="after")
     def _weights_all_or_none(self) -> "DataSpec":
         given = [s.weight is not None for s in self.train]
@@ -402,7 +396,8 @@ def resolve_ds_config_path(name_or_path: str) -> Path:
         close = difflib.get_close_matches(name_or_path, names, n=1)
         raise RmkitError(f"unknown DeepSpeed config '{name_or_path}'",
                          where="launch.deepspeed",
-                         hint=(f"did you mean '{close[0]}'? " if close else "") + "named configs: " + ", ".join(names) + " (or a path to a .json)")
+                         hint=(f"did you mean '{close[0]}'? " if close else "") + "named configs: " + ", ".join(names)
+                         + " (or a path to a .json)")
     return cand
 
 

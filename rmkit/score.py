@@ -11,8 +11,7 @@ from typing import Callable
 
 import torch
 
-from rmkit.data.collate import (DEFAULT_ATTENTION_SCALE, EncodedRecord, collate, group_shared, packed_length,
-                                 packing_pays)
+from rmkit.data.collate import DEFAULT_ATTENTION_SCALE, EncodedRecord, collate, group_shared, packed_length, packing_pays
 from rmkit.data.records import preferred_index, strict_pairs, tied_pairs
 from rmkit.loss import pair_correct
 

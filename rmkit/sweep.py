@@ -180,7 +180,8 @@ def _resume(train_fn: Callable[..., int], r: Recipe) -> int:
         return train_fn(r)
 
 
-def _grft_start(base: Recipe, out: Path, domain_set: str, eval_fn: Callable[[Path, Recipe], dict[str, Any]] | None) -> dict[str, Any] | None:
+def _grft_start(base: Recipe, out: Path, domain_set: str,
+                eval_fn: Callable[[Path, Recipe], dict[str, Any]] | None) -> dict[str, Any] | None:
     """Accuracy of the GRFT checkpoint itself on the same eval sets (cached in DIR/grft_start.json)."""
     cache = out / "grft_start.json"
     key = sha256_text(json.dumps([str(base.model.path), base.data.max_length, base.data.truncation_side,
@@ -255,7 +256,7 @@ def _label_offsets(xy: list[tuple[float, float]]) -> list[tuple[int, int]]:
     out = []
     for x, y in xy:
         nx, ny = (x - min(xs)) / wx, (y - min(ys)) / wy
-        for off, (dx, dy) in corners:
+        for off, (dx, dy) in corners:  # noqa: B007 (the last tried corner is kept below)
             bx, by = nx + dx, ny + dy
             if all(abs(bx - px) > 0.17 or abs(by - py) > 0.06 for px, py in placed):
                 break

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from test_serve import DOMAINS, RECORDS, Server, close, domain_args, make_checkpoints, offline
 
 from rmkit.data.records import Record
 from rmkit.errors import RmkitError
-from test_serve import DOMAINS, RECORDS, Server, close, domain_args, make_checkpoints, offline
 
 
 @pytest.fixture(scope="module")

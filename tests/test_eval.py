@@ -101,7 +101,6 @@ def test_hf_folder_rewards_equal_model_on_tokenizer_text(hf_dir: Path, tiny_reco
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rmkit.evaluate import score_records
-
     from rmkit.model import RewardModel
 
     records = tiny_records + _toy_records()[:4]

@@ -22,8 +22,17 @@ from rmkit.checkpoint import META_FILE, finalize, is_complete
 from rmkit.data.collate import collate, encode_record
 from rmkit.data.records import Record, write_records
 from rmkit.errors import RmkitError
-from rmkit.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_meta, apply_lora, base_fingerprint,
-                        count_parameters, from_peft_key, to_peft_key, write_adapter)
+from rmkit.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapter_meta,
+    apply_lora,
+    base_fingerprint,
+    count_parameters,
+    from_peft_key,
+    to_peft_key,
+    write_adapter,
+)
 from rmkit.merge import merge
 from rmkit.model import RewardModel
 from rmkit.recipe import LoraSpec

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from rmkit.data.collate import collate, encode_record
+from rmkit.data.collate import IGNORE_INDEX, collate, encode_record
 from rmkit.errors import RmkitError
 from rmkit.loss import combine, imitation_loss, ranking_loss
 from rmkit.model import LM_HEAD_FILE, POOLINGS, RewardModel
@@ -85,7 +85,7 @@ def naive_lm_loss(tiny_model_dir, b):
     causal = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), local_files_only=True)
     logits = causal(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b.lm_grid().reshape(-1),
-                           ignore_index=-100, reduction="mean")
+                           ignore_index=IGNORE_INDEX, reduction="mean")
     return causal, loss
 
 
@@ -93,7 +93,7 @@ def naive_lm_loss(tiny_model_dir, b):
 @pytest.mark.parametrize("lm_target", ["response", "whole"])
 def test_imitation_matches_naive_cross_entropy(tiny_model_dir, tiny_tokenizer, tiny_records, chunk, lm_target) -> None:
     b = batch(tiny_records, tiny_tokenizer, "left", lm_target=lm_target)
-    n_targets = int((b.lm_grid() != -100).sum())
+    n_targets = int((b.lm_grid() != IGNORE_INDEX).sum())
     causal, expected = naive_lm_loss(tiny_model_dir, b)
     expected.backward()
 

@@ -10,8 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from rmkit.data.collate import (DEFAULT_ATTENTION_SCALE, IGNORE_INDEX, EncodedRecord, bin_pack, collate, collate_packed,
-                                encode_record, packing_pays)
+from rmkit.data.collate import (
+    DEFAULT_ATTENTION_SCALE,
+    IGNORE_INDEX,
+    EncodedRecord,
+    bin_pack,
+    collate,
+    collate_packed,
+    encode_record,
+    packing_pays,
+)
 from rmkit.data.records import Record
 from rmkit.model import POOLINGS, RewardModel
 from rmkit.recipe import Recipe

@@ -17,8 +17,15 @@ import numpy as np
 import pytest
 
 from rmkit import stats
-from rmkit.stats import (Estimate, cluster_ids, clustered_bootstrap, percentile_interval, resample_counts,
-                         resampled_ratios, strict_json)
+from rmkit.stats import (
+    Estimate,
+    cluster_ids,
+    clustered_bootstrap,
+    percentile_interval,
+    resample_counts,
+    resampled_ratios,
+    strict_json,
+)
 
 HAND_NUM = np.array([[2.0], [0.0], [1.0]])  # right pairs of clusters A, B, C
 HAND_DEN = np.array([2.0, 1.0, 1.0])  # their pairs

@@ -11,7 +11,7 @@ import pytest
 from rmkit.errors import RmkitError
 from rmkit.io import atomic_write_json
 from rmkit.recipe import Recipe
-from rmkit.sweep import Point, parse_grid, pareto, point_overrides, run_sweep
+from rmkit.sweep import Point, pareto, parse_grid, point_overrides, run_sweep
 
 RECIPE = """
 stage: crft

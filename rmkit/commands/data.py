@@ -36,7 +36,8 @@ def convert(
     listwise: bool = typer.Option(False, "--listwise", help="DSP: one ranked group per query instead of 4 pairs."),
 ) -> None:
     """Convert a preference file to canonical JSONL; every dropped pair is counted by reason."""
-    from rmkit.data.convert import convert as run, summary_rows
+    from rmkit.data.convert import convert as run
+    from rmkit.data.convert import summary_rows
 
     result = run(input, output, format=format, domain=domain, listwise=listwise)
     print0(_table(f"{input} -> {output}", summary_rows(result)))

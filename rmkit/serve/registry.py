@@ -74,7 +74,9 @@ def parse_domain_arg(arg: str) -> tuple[str, str]:
 def _is_adapter(path: Path) -> bool:
     import json
 
-    meta = path / "meta.json"
+    from rmkit.checkpoint import META_FILE
+
+    meta = path / META_FILE
     if not meta.is_file():
         return False
     try:

@@ -253,7 +253,7 @@ class Trainer:
             "pooling": r.model.pooling,
             "encoding": {"split": "prompt+response", "max_length": r.data.max_length,
                          "truncation_side": r.data.truncation_side, "padding_side": r.data.padding_side,
-                         "append_eos": self.append_eos, "template": r.data.template},
+                         "append_eos": self.append_eos},
         }
         if r.model.lora is not None:  # an adapter checkpoint names its base (path + fingerprint)
             from rmkit.lora import adapter_meta, base_fingerprint, count_parameters

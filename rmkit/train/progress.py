@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
 
 from rmkit.console import console
 from rmkit.io import atomic_write_text, write_error

@@ -28,7 +28,6 @@ from rmkit.io import atomic_write_json, atomic_write_text, sha256_file, sha256_t
 from rmkit.recipe import Recipe, dump_recipe, resolve_ds_config_path
 
 
-
 @dataclass
 class RunPlan:
     run_dir: Path
