@@ -99,6 +99,7 @@ class Params:
     sweep_domains: tuple[str, ...] = DOMAINS
     sweep_pairs: Optional[int] = 256         # domain pairs per sweep cell (None: the whole split)
     sweep_general_sets: tuple[str, ...] = ("helpful", "harmless")
+    sweep_eval_limit: Optional[int] = None   # records per set in the sweep's evals (None: as the main tables)
     # data efficiency: separate runs per size (each one pass over its first n train pairs)
     efficiency_domains: tuple[str, ...] = ("business", "entertainment")
     efficiency_sizes: tuple[int, ...] = (64, 128, 256, 512, 1024)  # + the whole split (the main run)
@@ -124,7 +125,7 @@ PRESETS: dict[str, Params] = {
     # The study. PROVISIONAL placeholders (marked so in the report) until the lead sets them
     # from tuning experiments: grft_lr/grft_steps/grft_max_length/grft_eval_every, crft_lr/
     # crft_epochs/crft_max_length/crft_micro_batch, imitation_weight, enrichment,
-    # efficiency_sizes, save_every (and sweep_pairs, eval_limit if the plan is over budget).
+    # efficiency_sizes, save_every (and sweep_pairs, sweep_eval_limit if the plan is over budget).
     "full": Params(model="smollm2-135m"),
 }
 PROVISIONAL = {"full": ("grft_lr", "grft_steps", "grft_max_length", "grft_eval_every", "crft_lr", "crft_epochs",
@@ -482,7 +483,7 @@ class Study:
         if missing:
             raise SystemExit(f"data files not found: {', '.join(missing)} (export RMKIT_DATA=/work/shared/data)")
         key = {"test_fraction": p.test_fraction, "split_salt": p.split_salt, "dev_fraction": p.dev_fraction,
-               "dev_salt": p.dev_salt, "eval_limit": p.eval_limit,
+               "dev_salt": p.dev_salt, "eval_limit": p.eval_limit, "sweep_eval_limit": p.sweep_eval_limit,
                "sources": {s: sha256_file(self.source(s)) for s in ("helpful", "harmless", "webgpt", "dsp")}}
         prep = read_json(self.data / "prep.json")
         fresh = prep is not None and prep.get("key") == key and not (
@@ -535,6 +536,10 @@ class Study:
                 lines = lines[: p.eval_limit]
             self.eval_file(s).write_text("".join(l + "\n" for l in lines), encoding="utf-8")
             files.append(str(self.eval_file(s)))
+            if p.sweep_eval_limit:  # the sweep's smaller sets: a prefix of the same test side
+                self.eval_file(self.sweep_set(s)).write_text("".join(l + "\n" for l in lines[: p.sweep_eval_limit]),
+                                                             encoding="utf-8")
+                files.append(str(self.eval_file(self.sweep_set(s))))
         for s in ("helpful", "harmless"):
             self.counts[f"dev-{s}"] = file_counts(d / s / "dev" / "test.jsonl")
             self.counts[f"train-{s}"] = file_counts(d / s / "dev" / "train.jsonl")
@@ -542,6 +547,8 @@ class Study:
             self.counts[f"train-dsp-{dom}"] = file_counts(d / f"dsp-{dom}" / "train.jsonl")
         for s in tests:
             self.counts[f"eval-{s}"] = file_counts(self.eval_file(s))
+            if p.sweep_eval_limit:
+                self.counts[f"eval-{self.sweep_set(s)}"] = file_counts(self.eval_file(self.sweep_set(s)))
         write_json(d / "prep.json", {"key": key, "counts": self.counts, "problems": problems, "files": files,
                                      "commands": [shlex.join(c).replace(shlex.join(self.rm), "rmkit", 1) for c in cmds],
                                      "git_commit": self.git.head})
@@ -705,10 +712,16 @@ class Study:
                                  [f"dsp-{x}" for x in DOMAINS] + gen))
         for dom, cells in self.sweep_cells.items():
             self.add_group(EvalGroup(f"sweep-{dom}", "sweep", cells, [self.runs[c].label for c in cells],
-                                     [f"dsp-{dom}", *p.sweep_general_sets]))
+                                     self.sweep_sets(dom)))
         for dom, names in self.eff_runs.items():
             self.add_group(EvalGroup(f"efficiency-{dom}", "efficiency", names, [self.runs[n].label for n in names],
                                      [f"dsp-{dom}"]))
+
+    def sweep_set(self, s: str) -> str:
+        return f"{s}-first{self.p.sweep_eval_limit}" if self.p.sweep_eval_limit else s
+
+    def sweep_sets(self, domain: str) -> list[str]:
+        return [self.sweep_set(f"dsp-{domain}"), *[self.sweep_set(s) for s in self.p.sweep_general_sets]]
 
     def add_run(self, spec: RunSpec) -> None:
         self.runs[spec.name] = spec
@@ -1017,8 +1030,7 @@ class Study:
         if part == "cross":
             todo += [(n, s) for n in self.main.values() for s in [f"dsp-{x}" for x in DOMAINS] + list(GENERAL)]
         if part == "sweep":
-            todo += [(c, s) for d, cells in self.sweep_cells.items() for c in cells
-                     for s in [f"dsp-{d}", *self.p.sweep_general_sets]]
+            todo += [(c, s) for d, cells in self.sweep_cells.items() for c in cells for s in self.sweep_sets(d)]
         if part == "efficiency":
             todo += [(n, f"dsp-{d}") for d, names in self.eff_runs.items() for n in names]
         self.bows_for(todo)
@@ -1392,12 +1404,12 @@ class Report:
         for d, cells in st.sweep_cells.items():
             for c in cells[1:]:
                 lab = st.runs[c].label.replace(f"CRFT {d}", "").strip()
-                for s in self.p.sweep_general_sets:
+                for s in st.sweep_sets(d)[1:]:
                     r = st.result(f"sweep-{d}", c, s)
                     rows.append(("(4) imitation/enrichment reduce the general loss", f"{d}: {lab} − (0,0)", s,
                                  r and r.get("diff_vs_first"), 1))
-                r = st.result(f"sweep-{d}", c, f"dsp-{d}")
-                rows.append(("(4') ... at a cost on the domain", f"{d}: {lab} − (0,0)", f"dsp-{d}",
+                r = st.result(f"sweep-{d}", c, st.sweep_sets(d)[0])
+                rows.append(("(4') ... at a cost on the domain", f"{d}: {lab} − (0,0)", st.sweep_sets(d)[0],
                              r and r.get("diff_vs_first"), -1))
         for d, names in st.eff_runs.items():
             r = st.result(f"efficiency-{d}", names[-1], f"dsp-{d}") if len(names) > 1 else None
@@ -1603,11 +1615,13 @@ class Report:
                f"the domain pairs stay the same count. "
                + ("The main CRFT runs use the whole split; this sweep is smaller (allowed by the issue). "
                   if p.sweep_pairs and p.crft_pairs is None else "")
+               + (f"Scored on the first {p.sweep_eval_limit} records of each test set (sweep_eval_limit). "
+                  if p.sweep_eval_limit else "")
                + "Δ vs the (0,0) cell in points.", "")
         if not st.sweep_cells:
             self.w("no sweep domains set.", "")
         for d, cells in st.sweep_cells.items():
-            sets = [f"dsp-{d}", *p.sweep_general_sets]
+            sets = st.sweep_sets(d)
             self.w(f"**{d}**", "", "| w | e | train pairs (domain + general) | " + " | ".join(sets) + " |",
                    "|---|---|---|" + "---|" * len(sets))
             for c in cells:
@@ -1806,6 +1820,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     st = Study(args, params)
 
     def on_signal(signum: int, _frame: Any) -> None:
+        print(f"\nreceived signal {signum}: stopping; rerun the same command to resume", flush=True)
         if CHILD is not None and CHILD.poll() is None:
             with contextlib.suppress(OSError):
                 CHILD.send_signal(signal.SIGTERM)  # rmkit saves nothing on TERM; its last checkpoint stays
