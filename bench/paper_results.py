@@ -7,7 +7,7 @@ grows with the number of CRFT pairs. Every claim is decided by `rmkit eval`'s pa
 alone (reference checkpoint first): above 0 "holds", below 0 "reversed", across 0 "not shown".
 
     flock /tmp/rmkit_cpu.lock true   # (the script takes that lock itself around every heavy command)
-    RMKIT_DATA=/work/shared/data python bench/paper_results.py --scale smoke      # < 10 min, tests the pipeline
+    RMKIT_DATA=/work/shared/data python bench/paper_results.py --scale smoke      # < 10 min; report: runs/results-smoke/results.md
     RMKIT_DATA=/work/shared/data python bench/paper_results.py --scale full       # the study (refuses > budget)
     python bench/paper_results.py --scale full --plan-only          # estimated hours per part, nothing run
     python bench/paper_results.py --scale full --only crft          # one part: grft crft cross sweep efficiency
@@ -1803,7 +1803,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=sorted(PRESETS), default="full")
     ap.add_argument("--out", default=None, help="cache of runs, evals, data (default runs/results, runs/results-smoke)")
-    ap.add_argument("--report", default="docs/results.md")
+    ap.add_argument("--report", default=None,
+                    help="default: docs/results.md for full; OUT/results.md for smoke (never a smoke docs/results.md)")
     ap.add_argument("--only", choices=PARTS, default=None, help="run one part (its inputs must be finished)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from what exists; run nothing")
     ap.add_argument("--plan-only", action="store_true", help="print the plan (estimated hours) and exit")
@@ -1816,6 +1817,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--retry-wait", type=float, default=180.0, help="seconds before a retry")
     args = ap.parse_args(argv)
     args.out = args.out or ("runs/results" if args.scale == "full" else f"runs/results-{args.scale}")
+    args.report = args.report or ("docs/results.md" if args.scale == "full" else str(Path(args.out) / "results.md"))
     params = dataclasses.replace(PRESETS[args.scale], **dict(args.param or []))
     st = Study(args, params)
 
