@@ -115,16 +115,21 @@ def finalize(tmp: Path, dest: Path, meta: dict[str, Any]) -> None:
     publish_dir(tmp, dest)
 
 
-def prune(out_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints, and stale temporaries."""
+def remove_temporaries(out_dir: Path) -> None:
+    """Delete the `.tmp-` folders of saves that never finished (a kill mid-save leaves one)."""
     root = out_dir / "checkpoints"
-    ckpts = list_checkpoints(out_dir)
-    for _, d in ckpts[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(d, ignore_errors=True)
     if root.is_dir():
         for d in root.iterdir():
             if d.name.startswith(TMP_PREFIX):
                 shutil.rmtree(d, ignore_errors=True)
+
+
+def prune(out_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints, and stale temporaries."""
+    ckpts = list_checkpoints(out_dir)
+    for _, d in ckpts[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(d, ignore_errors=True)
+    remove_temporaries(out_dir)
 
 
 def nonfinite_names(named: Iterable[tuple[str, Any]], limit: int = 3) -> tuple[int, list[str]]:
@@ -243,7 +248,10 @@ def _settle(engine: Ranks, failure: BaseException | None, dest: Path, tmp: Path,
 
 def restore_latest(engine: Ranks, out_dir: Path, recipe_sha256: str) -> tuple[int, Path | None]:
     """Load the newest complete training checkpoint into the engine: (step to continue from,
-    its folder), or (0, None) when there is none."""
+    its folder), or (0, None) when there is none. Rank 0 first removes the temporary folders of
+    saves a kill interrupted, so a resumed run that stops early leaves none behind."""
+    if engine.rank == 0:
+        remove_temporaries(out_dir)
     ckpts = list_checkpoints(out_dir)
     if not ckpts:
         return 0, None

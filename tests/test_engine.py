@@ -117,8 +117,11 @@ def test_local_run_saves_and_resumes_bit_exactly(tmp_path: Path, tiny_model_dir:
         if s + 1 == 2:
             first.save(2)
     assert [s for s, _ in list_checkpoints(cut)] == [2]
+    killed_save = cut / "checkpoints" / ".tmp-step-000004"  # what a kill in the middle of a save leaves
+    (killed_save / "state").mkdir(parents=True)
     resumed = Trainer(cut, resume=True, engine="local")
     assert resumed.restore() == 2
+    assert not killed_save.exists()  # removed on resume, before any step could stop the run
     final = Trainer(cut, resume=True, engine="local").run()
     assert is_complete(final) and is_complete(whole / "final")
     from safetensors.torch import load_file
