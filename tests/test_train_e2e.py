@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,10 +89,12 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("zero", ["zero0", "zero1", "zero2", "zero3"])
 def test_two_processes_every_zero_stage(tmp_path: Path, tiny_model_dir: Path, zero: str) -> None:
     recipe = _recipe(tmp_path, str(tiny_model_dir), zero=zero, gpus=2, max_steps=4)
-    shm_before = _shm_buffers()
     res = rmkit("train", "grft", "--recipe", str(recipe), env={"RMKIT_FINGERPRINT": "1"})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert _shm_buffers() <= shm_before  # DeepSpeed's CPU all-reduce buffers (67 MB a rank) were unlinked
+    port = int(re.search(r"--master_port (\d+)", res.stdout).group(1))
+    # DeepSpeed's CPU all-reduce buffers (67 MB a rank) of this launch were unlinked; the port is
+    # unique to the launch, so other launches on the machine can neither hide nor fail this check
+    assert _shm_buffers(port) == set()
     run = tmp_path / "run"
     steps = [m for m in _metrics(run) if "loss_ranking" in m]
     assert len(steps) == 4
@@ -104,9 +107,10 @@ def test_two_processes_every_zero_stage(tmp_path: Path, tiny_model_dir: Path, ze
         _check_hf_loads_same_rewards(run / "final")
 
 
-def _shm_buffers() -> set[str]:
+def _shm_buffers(port: int) -> set[str]:
+    """The shared-memory buffers of the launch on `port` (`..._<uid>_<addr>_<port>_<rank>`)."""
     shm = Path("/dev/shm")
-    return {f.name for f in shm.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")} if shm.is_dir() else set()
+    return {f.name for f in shm.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")} if shm.is_dir() else set()
 
 
 def _check_hf_loads_same_rewards(folder: Path) -> None:
