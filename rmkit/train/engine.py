@@ -65,9 +65,6 @@ class Engine:
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return t
 
-    def barrier(self) -> None:
-        return None
-
     def stop(self, problem: str, hint: str) -> NoReturn:
         """Raise an error every rank raises: rank 0 at once (worker.py prints it, exit 2), the
         others after STOP_GRACE_S, by which time the launcher has stopped them on rank 0's exit."""
@@ -183,7 +180,6 @@ class DeepSpeedEngine(Engine):
 
         params = [p for p in model.parameters() if p.requires_grad]
         self.rank, self.world, self.device, self.module = rank, world, device, model
-        self.zero3 = config.get("zero_optimization", {}).get("stage", 0) == 3
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=params, config=config, lr_scheduler=sched)
         _guard_plain_optimizer(self.ds.optimizer, self.all_reduce)
@@ -221,12 +217,6 @@ class DeepSpeedEngine(Engine):
         if self.world > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return t
-
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        if self.world > 1:
-            dist.barrier()
 
     def local(self, p: torch.Tensor) -> torch.Tensor:
         return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
