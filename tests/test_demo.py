@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from rmkit.console import console
 
 
@@ -45,3 +47,12 @@ def test_demo_table_shows_intervals_and_the_paired_difference() -> None:
     assert "-12.5 [-20.0, -5.0]" in text and "+28.9 [20.0, 37.5]" in text  # CRFT - GRFT, general and business
     assert "57.8 [50.0, 66.0]" in text  # the length baseline
     assert "0.70->0.50" in text and "(128 pairs, 32 queries)" in text
+
+
+def test_loss_ends_average_disjoint_ends() -> None:
+    from rmkit.demo import loss_ends
+
+    assert loss_ends([3.0, 2.0]) == (3.0, 2.0)  # 2 steps: step 1 against step 2
+    assert loss_ends([0.9, 0.6, 0.9, 0.3, 0.6, 0.3, 0.6, 0.3]) == pytest.approx((0.8, 0.4), abs=1e-12)  # 8 steps: 3 at each end
+    assert loss_ends([1.0, 0.5, 0.25]) == (1.0, 0.25)  # 3 steps: k = 1, the middle step is in neither
+    assert loss_ends([0.7]) == (0.7, 0.7)
