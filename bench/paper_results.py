@@ -93,7 +93,7 @@ class Params:
     crft_micro_batch: int = 8
     # imitation x enrichment: {0, w} x {0, e}
     imitation_weight: float = 1.0            # w
-    imitation_target: str = "response"
+    imitation_target: str = "whole"          # the paper: LM loss on the whole preferred sequence
     imitation_reduction: str = "sequence"
     enrichment: float = 0.5                  # e: fraction of the mix that is general (H&H) pairs
     sweep_domains: tuple[str, ...] = DOMAINS
@@ -132,10 +132,18 @@ PRESETS: dict[str, Params] = {
         # 128 held-out pairs): rows of the last 64 tokens at lr 5e-5 constant reached 72.7% after 400
         # pairs (twice); lr 1e-4 was noisier (64.8% after 240 pairs); 2e-5 learned too slowly in the
         # issue's probe. 64 tokens keep the end of each response, where the domain's style shows, and
-        # halve the cost of 128, so the four full CRFT runs can take two passes within the budget.
+        # halve the cost of 128.
+        # Budget (2026-12-01, idle rates from `make demo`: CRFT 1.5 pairs/s and eval 6.7 responses/s at
+        # 64 tokens, ~30 s per launch): two passes over each domain made the plan ~8.5 h of a 5 h
+        # budget, so every CRFT run takes one pass over its pairs (the main runs: ~88 steps of 16, the
+        # whole train split once), the dev sets are 150 records each and the sweep scores the first
+        # 240 HH helpful test records (DSP test sides stay whole: 119 queries).
+        # Imitation as the paper computes it: the whole preferred sequence, mean NLL per sequence.
         grft_lr=2e-5, grft_steps=100, grft_max_length=96, grft_micro_batch=16, grft_eval_every=20,
-        crft_lr=5e-5, crft_schedule="constant", crft_epochs=2.0, crft_max_length=64, crft_micro_batch=16,
-        imitation_weight=1.0, enrichment=0.5, sweep_pairs=128, sweep_general_sets=("helpful",),
+        grft_dev_limit=150,
+        crft_lr=5e-5, crft_schedule="constant", crft_epochs=1.0, crft_max_length=64, crft_micro_batch=16,
+        imitation_weight=1.0, imitation_target="whole", imitation_reduction="sequence", enrichment=0.5,
+        sweep_pairs=128, sweep_general_sets=("helpful",), sweep_eval_limit=240,
         efficiency_sizes=(64, 128, 256, 512), save_every=10,
     ),
 }
@@ -1619,7 +1627,7 @@ class Report:
         st, p = self.st, self.p
         size = "the whole train split" if p.sweep_pairs is None else f"{p.sweep_pairs} domain pairs"
         self.w(f"## 4. Imitation x enrichment ({{0, w={p.imitation_weight:g}}} x {{0, e={p.enrichment:g}}}), {size} per cell", "",
-               f"Imitation: LM loss on the preferred response (target `{p.imitation_target}`, reduction "
+               f"Imitation: LM loss on the preferred text (target `{p.imitation_target}`, reduction "
                f"`{p.imitation_reduction}`), weight w. Enrichment: H&H train pairs make up a fraction e of the mix, "
                f"the domain pairs stay the same count. "
                + ("The main CRFT runs use the whole split; this sweep is smaller (allowed by the issue). "

@@ -26,12 +26,12 @@ from rmkit.recipe import RECIPES_DIR, load_recipe
 MARKER = ".rmkit-demo"
 DATA = "${RMKIT_DATA:-../shared/data}"
 MAX_LENGTH = 64
-EVAL_LIMIT = 112  # held-out pairs per set: >= 100 (the issue), each pair ~0.2 s to score twice
+EVAL_LIMIT = 100  # held-out pairs per set: the issue asks for >= 100; each costs ~0.55 s to score twice
 # Per stage: the overrides of its CPU recipe (recipes/cpu/STAGE.yaml). Chosen on a 2-core CPU so
 # that GRFT's loss falls and CRFT lifts the domain clearly (docs/results.md, "The demo").
 STAGES: dict[str, list[str]] = {
-    "blt": ["train.max_steps=2"],
-    "grft": ["train.max_steps=8", "train.global_batch=16", "train.micro_batch=16", "train.lr=5e-5",
+    "blt": ["train.max_steps=2", "train.global_batch=4"],
+    "grft": ["train.max_steps=6", "train.global_batch=16", "train.micro_batch=16", "train.lr=5e-5",
              "train.warmup_steps=1"],
     "crft": ["data.train=[{path: '" + DATA + "/dsp.json', format: dsp, split: train}]", "data.mix_size=null",
              "loss.imitation_weight=0.0", "train.max_steps=20", "train.global_batch=16", "train.micro_batch=16",

@@ -12,7 +12,7 @@ def register(app: typer.Typer) -> None:
     def demo(
         out: str = typer.Option("runs/demo", "--out", "-o", help="Folder for the three runs (replaced on each demo)."),
         domain: str = typer.Option("business", "--domain", "-d", help="Customized domain for CRFT."),
-        eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Held-out pairs per eval set (default 112; at least 100 for useful intervals)."),
+        eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Held-out pairs per eval set (default 100; at least 100 for useful intervals)."),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="Extra override for every stage, e.g. launch.gpus=2 (not train.output_dir: use --out)."),
     ) -> None:
         """Run the paper's three stages end to end on this machine (minutes on a CPU)."""
