@@ -1,12 +1,14 @@
-"""`rmkit demo`: the paper's three stages end to end on this machine, in minutes.
+"""`rmkit demo`: the paper's GRFT -> CRFT (optionally BLT first) end to end on this machine, in minutes.
 
-SmolLM2-135M (built in) on slices of the shared data: BLT on HH text, GRFT on HH helpful pairs,
-CRFT on DSP `business` pairs; each stage is a real `deepspeed` launch from the CPU recipes. Then
+SmolLM2-135M (built in) on slices of the shared data: GRFT on HH helpful pairs, then CRFT on DSP
+`business` pairs (with --blt, BLT on HH text first: at demo scale its two steps cannot show
+anything, and its launch costs a minute); each stage is a real `deepspeed` launch from the CPU
+recipes. Then
 one `rmkit eval` pass scores the GRFT and CRFT checkpoints on the same held-out sets (HH helpful
 test pairs, DSP business test pairs; the prompt-hash split keeps every test prompt out of
 training) with 95% prompt-bootstrap intervals and CRFT's paired difference against GRFT.
 
-The budget is sized for a 2-core CPU (about 9 minutes of training and scoring, 10 with install): rows are cut to
+The budget is sized for a 2-core CPU (8-9 minutes with install on a fresh clone): rows are cut to
 their last 64 tokens, which keep the end of each response, where a domain's style shows.
 """
 
@@ -34,7 +36,7 @@ STAGES: dict[str, list[str]] = {
     "grft": ["train.max_steps=6", "train.global_batch=16", "train.micro_batch=16", "train.lr=5e-5",
              "train.warmup_steps=1"],
     "crft": ["data.train=[{path: '" + DATA + "/dsp.json', format: dsp, split: train}]", "data.mix_size=null",
-             "loss.imitation_weight=0.0", "train.max_steps=20", "train.global_batch=16", "train.micro_batch=16",
+             "loss.imitation_weight=0.0", "train.max_steps=18", "train.global_batch=16", "train.micro_batch=16",
              "train.lr=5e-5", "train.schedule=constant"],
 }
 COMMON = [f"data.max_length={MAX_LENGTH}", "data.eval={}", "train.save_every=0", "train.eval_every=0",
@@ -96,7 +98,8 @@ def loss_ends(losses: list[float]) -> tuple[float, float]:
     return sum(losses[:k]) / k, sum(losses[-k:]) / k
 
 
-def run_demo(out: Path, domain: str = "business", eval_limit: int = EVAL_LIMIT, extra: list[str] | None = None) -> dict[str, Any]:
+def run_demo(out: Path, domain: str = "business", eval_limit: int = EVAL_LIMIT, extra: list[str] | None = None,
+             blt: bool = False) -> dict[str, Any]:
     from rmkit.evaluate import run_eval
 
     extra = list(extra or [])
@@ -113,7 +116,7 @@ def run_demo(out: Path, domain: str = "business", eval_limit: int = EVAL_LIMIT, 
     t0 = time.perf_counter()
     data_args = _write_eval_sets(out, domain, eval_limit)
     stages, parent = [], None
-    for stage in ("blt", "grft", "crft"):
+    for stage in ("blt", "grft", "crft") if blt else ("grft", "crft"):
         stages.append(_train(stage, out, domain, parent, extra))
         parent = out / stage / "final"
     console.rule("[bold]eval[/]: GRFT and CRFT on the held-out sets")
@@ -143,8 +146,9 @@ def _table(result: dict[str, Any]) -> None:
     t = Table(title="rmkit demo, SmolLM2-135M: accuracy % [95% CI] on held-out pairs")
     for col in ("stage", "general", domain, "loss", "sec"):
         t.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
-    blt = runs["blt"]
-    t.add_row("BLT", "-", "-", f"{blt['first_loss']:.2f}->{blt['last_loss']:.2f}", f"{blt['seconds']:.0f}")
+    if "blt" in runs:
+        b = runs["blt"]
+        t.add_row("BLT", "-", "-", f"{b['first_loss']:.2f}->{b['last_loss']:.2f}", f"{b['seconds']:.0f}")
     for c, stage in zip(report["checkpoints"], ("grft", "crft")):
         g, d, s = c["results"]["general"], c["results"][domain], runs[stage]
         t.add_row(stage.upper(), _ci(g["accuracy"], g["accuracy_ci"]), _ci(d["accuracy"], d["accuracy_ci"]),
@@ -158,9 +162,10 @@ def _table(result: dict[str, Any]) -> None:
               "", "")
     console.print(t)
     sets = report["sets"]
+    blt_note = "; BLT: LM loss" if "blt" in runs else ""
     console.print(f"general = HH helpful test ({sets['general']['pairs']} pairs, {sets['general']['prompts']} prompts); "
                   f"{domain} = DSP {domain} test ({sets[domain]['pairs']} pairs, {sets[domain]['prompts']} queries). "
                   f"CRFT-GRFT: paired difference, same resamples. length: the longer response wins (baseline). loss: mean of "
-                  f"the first -> last 3 steps (fewer in short runs; BLT: LM loss). Trained on {runs['grft']['pairs']} GRFT and "
+                  f"the first -> last 3 steps (fewer in short runs{blt_note}). Trained on {runs['grft']['pairs']} GRFT and "
                   f"{runs['crft']['pairs']} CRFT pairs; total {result['total_seconds']:.0f} s "
                   f"(eval {result['eval_seconds']:.0f} s). Every figure: {result['out']}/eval.json and demo.json.")

@@ -47,6 +47,13 @@ def test_demo_table_shows_intervals_and_the_paired_difference() -> None:
     assert "-12.5 [-20.0, -5.0]" in text and "+28.9 [20.0, 37.5]" in text  # CRFT - GRFT, general and business
     assert "57.8 [50.0, 66.0]" in text  # the length baseline
     assert "0.70->0.50" in text and "(128 pairs, 32 queries)" in text
+    assert text.count("BLT") == 2  # its row and "BLT: LM loss" in the note
+
+    result["stages"] = result["stages"][1:]  # the default demo: no BLT
+    with console.capture() as cap:
+        _table(result)
+    assert "BLT" not in cap.get() and "43.8 [36.0, 52.0]" in cap.get()
+    assert "Trained on 64 GRFT and 64 CRFT pairs; total 300 s" in " ".join(cap.get().split())
 
 
 def test_loss_ends_average_disjoint_ends() -> None:
