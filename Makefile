@@ -1,6 +1,6 @@
 # Setup is part of every target, so a fresh machine needs exactly one command each:
 #   make test   -> install, lint (ruff), then the whole test suite (what CI runs)
-#   make demo   -> install, then BLT -> GRFT -> CRFT on SmolLM2-135M with a results table
+#   make demo   -> install, then GRFT -> CRFT on SmolLM2-135M with a results table
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
