@@ -136,8 +136,8 @@ PRESETS: dict[str, Params] = {
         # Budget (2026-12-01, idle rates from `make demo`: CRFT 1.5 pairs/s and eval 6.7 responses/s at
         # 64 tokens, ~30 s per launch): two passes over each domain made the plan ~8.5 h of a 5 h
         # budget, so every CRFT run takes one pass over its pairs (the main runs: ~88 steps of 16, the
-        # whole train split once), the dev sets are 150 records each and the sweep scores the first
-        # 240 HH helpful test records (DSP test sides stay whole: 119 queries).
+        # whole train split once), the dev sets are capped at 150 records (they hold 137 and 123) and
+        # the sweep scores the first 240 HH helpful test records (DSP test sides stay whole: 119 queries).
         # Imitation as the paper computes it: the whole preferred sequence, mean NLL per sequence.
         grft_lr=2e-5, grft_steps=100, grft_max_length=96, grft_micro_batch=16, grft_eval_every=20,
         grft_dev_limit=150,
