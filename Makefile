@@ -15,7 +15,7 @@ install:
 
 test: install
 	$(PYTHON) -m ruff check .   # lint: the rules in pyproject.toml [tool.ruff]
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=30   # the 30 slowest tests: CI must stay under 20 minutes
 
 demo: install
 	rmkit demo
