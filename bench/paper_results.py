@@ -870,7 +870,14 @@ class Study:
                    "dirty_rmkit_files": len(self.git.dirty_files)}
             entry["segments"].append(seg)
             self.save_ledger()
-            r = run_cmd(cmd + (["--resume"] if again else []), self.out / "logs" / f"{name}.log")
+            t0 = time.monotonic()
+            try:
+                r = run_cmd(cmd + (["--resume"] if again else []), self.out / "logs" / f"{name}.log")
+            except BaseException:  # a signal or ^C: the segment's hours still count (it resumes next time)
+                seg.update(ended=time.strftime("%Y-%m-%dT%H:%M:%S"), rc="interrupted",
+                           wall_s=round(time.monotonic() - t0, 1), lock_wait_s=0.0)
+                self.save_ledger()
+                raise
             seg.update(ended=time.strftime("%Y-%m-%dT%H:%M:%S"), rc=r["rc"], wall_s=round(r["wall_s"], 1),
                        lock_wait_s=round(r["lock_wait_s"], 1))
             m = re.search(r"resumed from (\S+) \(step (\d+)\)", r["notable"] + r["tail"])
