@@ -3,10 +3,9 @@
 SmolLM2-135M (built in) on slices of the shared data: GRFT on HH helpful pairs, then CRFT on DSP
 `business` pairs (with --blt, BLT on HH text first: at demo scale its two steps cannot show
 anything, and its launch costs a minute); each stage is a real `deepspeed` launch from the CPU
-recipes. Then
-one `rmkit eval` pass scores the GRFT and CRFT checkpoints on the same held-out sets (HH helpful
-test pairs, DSP business test pairs; the prompt-hash split keeps every test prompt out of
-training) with 95% prompt-bootstrap intervals and CRFT's paired difference against GRFT.
+recipes. Then one `rmkit eval` pass scores the GRFT and CRFT checkpoints on the same held-out sets
+(HH helpful test pairs, DSP business test pairs; the prompt-hash split keeps every test prompt out
+of training) with 95% prompt-bootstrap intervals and CRFT's paired difference against GRFT.
 
 The budget is sized for a 2-core CPU (8-9 minutes with install on a fresh clone): rows are cut to
 their last 64 tokens, which keep the end of each response, where a domain's style shows.
@@ -30,7 +29,7 @@ DATA = "${RMKIT_DATA:-../shared/data}"
 MAX_LENGTH = 64
 EVAL_LIMIT = 100  # held-out pairs per set: the issue asks for >= 100; each costs ~0.55 s to score twice
 # Per stage: the overrides of its CPU recipe (recipes/cpu/STAGE.yaml). Chosen on a 2-core CPU so
-# that GRFT's loss falls and CRFT lifts the domain clearly (docs/results.md, "The demo").
+# that GRFT's loss falls and CRFT lifts the domain clearly (README, "rmkit demo", has the run).
 STAGES: dict[str, list[str]] = {
     "blt": ["train.max_steps=2", "train.global_batch=4"],
     "grft": ["train.max_steps=4", "train.global_batch=16", "train.micro_batch=16", "train.lr=5e-5",

@@ -21,4 +21,4 @@ def register(app: typer.Typer) -> None:
 
         from rmkit.demo import EVAL_LIMIT, run_demo
 
-        run_demo(Path(out), domain, eval_limit or EVAL_LIMIT, set_, blt=blt)
+        run_demo(Path(out), domain, EVAL_LIMIT if eval_limit is None else eval_limit, set_, blt=blt)
