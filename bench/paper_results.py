@@ -16,9 +16,9 @@ alone (reference checkpoint first): above 0 "holds", below 0 "reversed", across 
 
 Resumable: every training run saves every `save_every` steps and is continued with `rmkit train
 ... --resume` after a kill (at most one save interval lost); finished runs and eval results are
-cached under --out and skipped. A finished run whose run.json records another rmkit commit (files
-under rmkit/ differ from HEAD) or another resolved recipe is rerun, or with --keep-stale kept and
-flagged in the report. Eval results are cached per group of (checkpoints, eval sets) keyed by each
+cached under --out and skipped. A finished run whose run.json records another rmkit commit (a file
+the study's commands import differs from HEAD: `import_closure`) or another resolved recipe is
+rerun, or with --keep-stale kept and flagged in the report. Eval results are cached per group of (checkpoints, eval sets) keyed by each
 checkpoint's meta.json, each set file's sha256 and the rmkit commit that scored them.
 
 rmkit is used only through its CLI (subprocesses); the bag-of-words baseline comes from
@@ -28,9 +28,11 @@ bench/bow_baseline.py. Needs the bench extra (scikit-learn, matplotlib) for base
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -182,7 +184,7 @@ def stale_reason(info: Optional[dict], expected_recipe_sha: Optional[str], head:
     """Why a run (its run.json, or a cache entry with the same two fields) may not be reused, or None.
 
     Stale when its recipe hash is not the one the current settings resolve to, or when the rmkit
-    commit it records differs from HEAD in files under rmkit/ (`rmkit_changed(commit)`: True when
+    commit it records differs from HEAD in rmkit files the study runs (`rmkit_changed(commit)`: True when
     they differ, False when not, None when the commit is unknown here)."""
     if not info:
         return "no run.json"
@@ -199,7 +201,7 @@ def stale_reason(info: Optional[dict], expected_recipe_sha: Optional[str], head:
     if changed is None:
         return f"made by commit {commit[:10]}, unknown to this repository"
     if changed:
-        return f"made by other code: commit {commit[:10]} differs from HEAD {head[:10]} in files under rmkit/"
+        return f"made by other code: commit {commit[:10]} differs from HEAD {head[:10]} in rmkit files the study imports"
     return None
 
 
@@ -330,8 +332,50 @@ def git(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
 
 
+# The study runs `rmkit data|recipe|train|eval` and DeepSpeed starts `rmkit.train.worker`: the code its
+# results depend on is what these import, at module level or inside functions. cli.py also imports the
+# other command modules (to register them), but only the invoked command's body ever runs.
+STUDY_ROOTS = ("rmkit/__init__.py", "rmkit/__main__.py", "rmkit/cli.py", "rmkit/commands/data.py",
+               "rmkit/commands/recipe.py", "rmkit/commands/train.py", "rmkit/commands/eval.py",
+               "rmkit/train/worker.py")
+
+
+def module_file(module: str, files: set[str]) -> Optional[str]:
+    """The file (relative to the repository) that defines a dotted rmkit module, if any."""
+    base = module.replace(".", "/")
+    for f in (f"{base}.py", f"{base}/__init__.py"):
+        if f in files:
+            return f
+    return None
+
+
+def import_closure(sources: dict[str, str], roots: Iterable[str] = STUDY_ROOTS) -> set[str]:
+    """Every rmkit file that `roots` reach through `import rmkit.x` / `from rmkit.x import y` (y may be a
+    submodule), function-level imports included, with each module's parent packages. sources maps a
+    path relative to the repository to its text."""
+    files = set(sources)
+    seen: set[str] = set()
+    todo = [r for r in roots if r in files]
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        parts = f[:-3].split("/")  # a module's parent packages run their __init__ first
+        todo += [i for k in range(1, len(parts)) if (i := "/".join(parts[:k]) + "/__init__.py") in files]
+        for node in ast.walk(ast.parse(sources[f], filename=f)):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            todo += [t for m in targets if m.split(".")[0] == "rmkit" and (t := module_file(m, files))]
+    return seen
+
+
 class Git:
-    """HEAD, whether a commit differs from HEAD under rmkit/, and the working tree's state there."""
+    """HEAD, whether a commit differs from HEAD in the rmkit files the study runs, and the tree's state."""
 
     def __init__(self) -> None:
         r = git("rev-parse", "HEAD")
@@ -348,10 +392,23 @@ class Git:
         self.tree_key = h.hexdigest()  # HEAD + uncommitted changes under rmkit/
 
     def rmkit_changed(self, commit: str) -> Optional[bool]:
+        """Whether a file the study's commands import (`import_closure` at HEAD) differs between commit
+        and HEAD; None when the commit is unknown. A change only to, say, the demo or the server does
+        not make a training run stale: no study command can execute it."""
         if commit not in self._changed:
-            r = git("diff", "--quiet", commit, "HEAD", "--", "rmkit")
-            self._changed[commit] = {0: False, 1: True}.get(r.returncode)
+            r = git("diff", "--name-only", commit, "HEAD", "--", "rmkit")
+            if r.returncode != 0:
+                self._changed[commit] = None
+            else:
+                changed = set(r.stdout.split())
+                self._changed[commit] = bool(changed & self.study_files) or any(
+                    not f.endswith(".py") for f in changed)
         return self._changed[commit]
+
+    @functools.cached_property
+    def study_files(self) -> set[str]:
+        sources = {rel(p): p.read_text() for p in (REPO / "rmkit").rglob("*.py")}
+        return import_closure(sources)
 
 
 @contextlib.contextmanager

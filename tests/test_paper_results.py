@@ -84,6 +84,36 @@ def test_recipe_not_checked_when_unknown():  # eval caches carry no recipe: only
     assert pr.stale_reason({"recipe_sha256": None, "git_commit": OLD}, None, HEAD, lambda c: True)
 
 
+# ---- which rmkit files a study run depends on: the import closure of the commands it runs ---------------
+
+def test_import_closure_follows_module_function_level_and_submodule_imports():
+    src = {
+        "rmkit/__init__.py": "",
+        "rmkit/cli.py": "import typer\nfrom rmkit.errors import E\n",
+        "rmkit/errors.py": "class E(Exception): ...\n",
+        "rmkit/train/__init__.py": "",
+        "rmkit/train/worker.py": "def main():\n    from rmkit.train import loop\n    import rmkit.loss as L\n",
+        "rmkit/train/loop.py": "from rmkit.model import (\n    build,\n    load,\n)\n",
+        "rmkit/model.py": "import torch\n",
+        "rmkit/loss.py": "",
+        "rmkit/demo.py": "from rmkit.train import loop\n",   # imports the study's code, but nothing imports it
+        "rmkit/serve/__init__.py": "",
+        "rmkit/serve/app.py": "from rmkit.model import build\n",
+    }
+    got = pr.import_closure(src, roots=("rmkit/cli.py", "rmkit/train/worker.py"))
+    assert got == {"rmkit/__init__.py", "rmkit/cli.py", "rmkit/errors.py", "rmkit/train/__init__.py",
+                   "rmkit/train/worker.py", "rmkit/train/loop.py", "rmkit/model.py", "rmkit/loss.py"}
+
+
+def test_the_real_study_closure_holds_training_and_scoring_but_not_the_demo_or_server():
+    files = pr.Git().study_files
+    for f in ("rmkit/train/worker.py", "rmkit/train/loop.py", "rmkit/loss.py", "rmkit/evaluate.py",
+              "rmkit/recipe.py", "rmkit/data/__init__.py"):
+        assert f in files, f
+    for f in ("rmkit/demo.py", "rmkit/commands/demo.py", "rmkit/serve/app.py"):
+        assert f not in files, f
+
+
 # ---- split counts --------------------------------------------------------------------------------------
 
 def counts(dsp_prompts=119, helpful=444, harmless=447, webgpt=118):
