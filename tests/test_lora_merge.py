@@ -282,12 +282,14 @@ def test_crft_lora_from_full_grft_zero3_two_processes_then_merge(tmp_path: Path,
     run = tmp_path / "crft"
     assert (run / "fingerprint-rank0.txt").read_text() == (run / "fingerprint-rank1.txt").read_text()
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert all(m["loss_imitation"] > 0 for m in rows if "loss_imitation" in m)
+    steps = [m for m in rows if "loss_ranking" in m]
+    assert len(steps) == 2 and all(m["loss_imitation"] > 0 for m in steps)  # imitation trained every step
     ckpt = run / "final"
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["kind"] == "adapter" and meta["base"] == {"path": str(parent.resolve()),
                                                           "fingerprint": base_fingerprint(parent)}
-    assert meta["parent"]["stage"] == "grft"
+    assert (meta["stage"], meta["domain"]) == ("crft", "business")
+    assert (meta["parent"]["stage"], meta["parent"]["path"]) == ("grft", str(parent.resolve()))
     trained = _adapter_tensors(ckpt)
     assert set(trained) == ADAPTER_KEYS
     # trainable params moved: LoRA B starts at 0, the head starts as the GRFT head
