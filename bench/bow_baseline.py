@@ -12,6 +12,11 @@ come from the training responses only. The interval is the same prompt-clustered
     rmkit data convert ../shared/data/dsp.json --domain business -o /tmp/bow/business.jsonl
     rmkit data split /tmp/bow/business.jsonl --test 0.2 -o /tmp/bow/business
     python bench/bow_baseline.py --train /tmp/bow/business/train.jsonl --test /tmp/bow/business/test.jsonl
+    python bench/bow_baseline.py ... --last-tokens 64 --tokenizer runs/results/runs/grft/final
+
+`--last-tokens N` cuts every response to its last N tokens first: about what a reward model trained
+at max_length N sees of it (rows are cut from the left), so the baseline can be read at the model's
+own window as well as on whole texts.
 
 Needs scikit-learn (`pip install -e .[bench]`). As a function: `bow_accuracy(train, test)`.
 """
@@ -19,6 +24,7 @@ Needs scikit-learn (`pip install -e .[bench]`). As a function: `bow_accuracy(tra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -39,6 +45,19 @@ def pair_texts(records: list[Record]) -> tuple[list[str], list[str], list[str]]:
             worse.append(rec.responses[j])
             prompts.append(rec.prompt)
     return better, worse, prompts
+
+
+def last_tokens(records: list[Record], tokenizer: Any, n: int) -> list[Record]:
+    """Every response cut to its last n tokens (the end a left-truncated row keeps); shorter ones
+    are unchanged."""
+    out = []
+    for rec in records:
+        cut = []
+        for text in rec.responses:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            cut.append(text if len(ids) <= n else tokenizer.decode(ids[-n:]))
+        out.append(dataclasses.replace(rec, responses=tuple(cut)))
+    return out
 
 
 def bow_accuracy(train_records: list[Record], test_records: list[Record], *, n_resamples: int = DEFAULT_RESAMPLES,
@@ -82,9 +101,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
     ap.add_argument("--c", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
     ap.add_argument("--ngrams", type=int, default=1, help="1: words; 2: words and word pairs")
+    ap.add_argument("--last-tokens", type=int, help="cut every response to its last N tokens first")
+    ap.add_argument("--tokenizer", type=Path, help="the tokenizer folder for --last-tokens (e.g. a checkpoint)")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args(argv)
+    if (args.last_tokens is None) != (args.tokenizer is None):
+        ap.error("--last-tokens and --tokenizer go together")
     train, test = read_records(args.train), read_records(args.test)
+    if args.last_tokens is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(args.tokenizer), local_files_only=True)
+        train, test = last_tokens(train, tok, args.last_tokens), last_tokens(test, tok, args.last_tokens)
+        print(f"responses cut to their last {args.last_tokens} tokens ({args.tokenizer})")
     shared = {r.prompt for r in train} & {r.prompt for r in test}
     if shared:
         print(f"warning: {len(shared)} prompts are on both sides; split with `rmkit data split`", file=sys.stderr)
