@@ -18,8 +18,9 @@ Resumable: every training run saves every `save_every` steps and is continued wi
 ... --resume` after a kill (at most one save interval lost); finished runs and eval results are
 cached under --out and skipped. A finished run whose run.json records another rmkit commit (a file
 the study's commands import differs from HEAD: `import_closure`) or another resolved recipe is
-rerun, or with --keep-stale kept and flagged in the report. Eval results are cached per group of (checkpoints, eval sets) keyed by each
-checkpoint's meta.json, each set file's sha256 and the rmkit commit that scored them.
+rerun, or with --keep-stale kept and flagged in the report. Eval results are cached per group of
+(checkpoints, eval sets) keyed by each checkpoint's meta.json, each set file's sha256 and the rmkit
+commit that scored them.
 
 rmkit is used only through its CLI (subprocesses); the bag-of-words baseline comes from
 bench/bow_baseline.py. Needs the bench extra (scikit-learn, matplotlib) for baselines and plots.
@@ -184,8 +185,8 @@ def stale_reason(info: Optional[dict], expected_recipe_sha: Optional[str], head:
     """Why a run (its run.json, or a cache entry with the same two fields) may not be reused, or None.
 
     Stale when its recipe hash is not the one the current settings resolve to, or when the rmkit
-    commit it records differs from HEAD in rmkit files the study runs (`rmkit_changed(commit)`: True when
-    they differ, False when not, None when the commit is unknown here)."""
+    commit it records differs from HEAD in rmkit files the study runs (`rmkit_changed(commit)`: True
+    when they differ, False when not, None when the commit is unknown here)."""
     if not info:
         return "no run.json"
     got = info.get("recipe_sha256")
