@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 LOCK = "/tmp/rmkit_cpu.lock"  # shared by every agent on this machine: one heavy command at a time
 DOMAINS = ("academy", "business", "entertainment", "literature")
 GENERAL = ("helpful", "harmless", "webgpt")
-PARTS = ("grft", "crft", "cross", "sweep", "efficiency")
+PARTS = ("grft", "crft", "cross", "sweep", "efficiency", "bounds")
 MIN_DSP_TEST_QUERIES = 100  # the issue's floor for every DSP domain's test side
 MIN_HH_TEST_PAIRS = 400     # ... and for HH helpful and harmless
 TARGET_CRFT_ACC = 0.85      # targets: never lowered; when missed the report says what bounds them
@@ -106,6 +106,12 @@ class Params:
     # data efficiency: separate runs per size (each one pass over its first n train pairs)
     efficiency_domains: tuple[str, ...] = ("business", "entertainment")
     efficiency_sizes: tuple[int, ...] = (64, 128, 256, 512, 1024)  # + the whole split (the main run)
+    # what bounds CRFT when a target is missed: one domain and size, one knob changed at a time against
+    # the run with that domain and size (the efficiency run), scored on the same test pairs
+    bounds_domain: Optional[str] = "business"
+    bounds_pairs: int = 512
+    bounds_max_length: int = 128             # longer rows: does the token window bound accuracy?
+    bounds_epochs: float = 2.0               # more passes over the same pairs: do steps bound it?
     # resumability and statistics
     save_every: int = 10                     # steps between checkpoints: the most a kill can lose
     seed: int = 42
@@ -123,6 +129,7 @@ PRESETS: dict[str, Params] = {
         grft_micro_batch=4, grft_eval_every=2, grft_dev_limit=16,
         crft_lr=1e-3, crft_pairs=16, crft_max_length=64, crft_global_batch=8, crft_micro_batch=4,
         sweep_domains=("business",), sweep_pairs=16, efficiency_domains=("business",), efficiency_sizes=(8,),
+        bounds_pairs=8, bounds_max_length=96,
         save_every=2, bootstrap=200, budget_hours=0.25,
     ),
     # The study (values set below from CRFT probes; the old PROVISIONAL note follows for the record):
@@ -255,6 +262,12 @@ def plateau(points: list[tuple[int, float, int]]) -> Optional[dict[str, Any]]:
     stop_i = next(i for i in range(len(points)) if points[i][1] >= p - se)
     return {"peak_x": x, "peak_acc": p, "se": se, "stop_x": points[stop_i][0], "stop_acc": points[stop_i][1],
             "still_rising": peak_i == len(points) - 1 and stop_i == peak_i and len(points) > 1}
+
+
+def verdict_of(r: Optional[dict], expect: int = +1) -> str:
+    """The verdict of a result's paired difference against its group's reference."""
+    d = r and r.get("diff_vs_first")
+    return verdict(d["lo"], d["hi"], expect) if d else "not run yet"
 
 
 def pct(v: Optional[float]) -> str:
@@ -734,16 +747,20 @@ class Study:
                              dev_evals=n_dev_evals, dev_responses=dev_resp, label="GRFT"))
         grft_final = rel(self.run_dir("grft") / "final")
 
-        def crft(domain: str, n: Optional[int], w: float, e: float, part: str) -> str:
+        def crft(domain: str, n: Optional[int], w: float, e: float, part: str,
+                 max_length: Optional[int] = None, epochs: Optional[float] = None) -> str:
             total = cnt.get(f"train-dsp-{domain}", {}).get("records", 0)
             n_dom = total if n is None or n >= total else n
             tag = "all" if n_dom == total else f"n{n_dom}"
-            name = f"crft-{domain}-{tag}-w{w:g}-e{e:g}"
+            ml = max_length or p.crft_max_length
+            ep = p.crft_epochs if epochs is None else epochs
+            name = (f"crft-{domain}-{tag}-w{w:g}-e{e:g}" + (f"-ml{ml}" if ml != p.crft_max_length else "")
+                    + (f"-ep{ep:g}" if ep != p.crft_epochs else ""))
             if name in self.runs:
                 return name
             src = {"path": rel(d / f"dsp-{domain}" / "train.jsonl"), "format": "canonical",
                    **({"limit": n_dom} if n_dom < total else {})}
-            data: dict[str, Any] = {"train": [src], "eval": {}, "max_length": p.crft_max_length, "truncation_side": "left"}
+            data: dict[str, Any] = {"train": [src], "eval": {}, "max_length": ml, "truncation_side": "left"}
             records = n_dom
             if e > 0:
                 src["weight"] = 1 - e
@@ -755,12 +772,13 @@ class Study:
                             "imitation_reduction": p.imitation_reduction},
                    "train": {"lr": p.crft_lr, "schedule": p.crft_schedule, "warmup_steps": 0,
                              "global_batch": p.crft_global_batch, "micro_batch": p.crft_micro_batch,
-                             "epochs": p.crft_epochs, "max_steps": p.crft_steps, "seed": p.seed, "eval_every": 0,
+                             "epochs": ep, "max_steps": p.crft_steps, "seed": p.seed, "eval_every": 0,
                              "save_every": p.save_every, "keep_last": 1, "output_dir": rel(self.run_dir(name))},
                    "launch": launch}
-            st = p.crft_steps or max(1, int(p.crft_epochs * records) // p.crft_global_batch)
+            st = p.crft_steps or max(1, int(ep * records) // p.crft_global_batch)
             label = (f"CRFT {domain}" + ("" if tag == "all" else f" n={n_dom}") + (f" w={w:g}" if w else "")
-                     + (f" e={e:g}" if e else ""))
+                     + (f" e={e:g}" if e else "") + (f" {ml} tokens" if ml != p.crft_max_length else "")
+                     + (f" {ep:g} passes" if ep != p.crft_epochs else ""))
             self.add_run(RunSpec(name, part, "crft", "crft-imit" if w else "crft", rec, domain=domain, parent="grft",
                                  train_records=records, steps=st, label=label, n_domain=n_dom, w=w, e=e))
             return name
@@ -780,6 +798,11 @@ class Study:
                 self.notes.append(f"efficiency sizes {skipped} are not below {dom}'s {total} train pairs; the whole "
                                   "split (the main CRFT run) is the largest point")
             self.eff_runs[dom] = list(dict.fromkeys(names + [self.main[dom]]))
+        self.bound_runs: list[str] = []
+        if p.bounds_domain:
+            b = (p.bounds_domain, p.bounds_pairs, 0.0, 0.0, "bounds")
+            self.bound_runs = list(dict.fromkeys([crft(*b), crft(*b, max_length=p.bounds_max_length),
+                                                  crft(*b, epochs=p.bounds_epochs)]))
         # eval groups: the reference checkpoint first
         gen = list(GENERAL)
         self.add_group(EvalGroup("grft-vs-base", "grft", ["base", "grft"], ["base", "GRFT"], gen))
@@ -791,6 +814,9 @@ class Study:
         for dom, names in self.eff_runs.items():
             self.add_group(EvalGroup(f"efficiency-{dom}", "efficiency", names, [self.runs[n].label for n in names],
                                      [f"dsp-{dom}"]))
+        if len(self.bound_runs) > 1:
+            self.add_group(EvalGroup(f"bounds-{p.bounds_domain}", "bounds", self.bound_runs,
+                                     [self.runs[n].label for n in self.bound_runs], [f"dsp-{p.bounds_domain}"]))
 
     def sweep_set(self, s: str) -> str:
         return f"{s}-first{self.p.sweep_eval_limit}" if self.p.sweep_eval_limit else s
@@ -1201,10 +1227,9 @@ class Study:
         return t + self.dev_eval_s(spec, rates) + self.saves(spec) * rates["save_s"] + rates["train_overhead_s"]
 
     def estimate_group(self, g: EvalGroup, rates: dict) -> float:
-        ml = {"grft": self.p.grft_max_length, "base": self.p.grft_max_length}
         t = rates["eval_overhead_s"]
         for r in g.runs:
-            scale = ml.get(r, self.p.crft_max_length) / rates["ml"]
+            scale = self.max_length(self.runs[r]) / rates["ml"]
             resp = sum(self.counts.get(f"eval-{s}", {}).get("responses", 0) for s in g.sets)
             t += rates["load_s"] + resp / rates["eval"] * scale
         return t
@@ -1367,6 +1392,7 @@ class Report:
         self.cross()
         self.sweep()
         self.efficiency()
+        self.bounds()
         self.flags()
         self.reproduce()
         return "\n".join(self.lines).rstrip() + "\n"
@@ -1553,7 +1579,26 @@ class Report:
             parts.append("no efficiency curve for this domain (efficiency_domains)")
         if tr and tr["train_acc_last"] < TARGET_CRFT_ACC:
             parts.append("the model does not fit its train pairs either (capacity, max_length or lr/steps)")
+        for knob, r in self.bound_effects():
+            parts.append(f"{knob} at {st.p.bounds_domain} n={st.runs[st.bound_runs[0]].n_domain}: "
+                         f"{diff_str(r.get('diff_vs_first'))} ({verdict_of(r)}; section 6)")
         return "; ".join(parts)
+
+    def bound_effects(self) -> list[tuple[str, dict]]:
+        """(knob, result) for each bounds probe that has been scored, against the probe's reference."""
+        st, out = self.st, []
+        for n in st.bound_runs[1:]:
+            r = st.result(f"bounds-{st.p.bounds_domain}", n, f"dsp-{st.p.bounds_domain}")
+            if r and r.get("diff_vs_first"):
+                spec = st.runs[n]
+                ml, ep = self.max_length_of(spec), spec.recipe["train"]["epochs"]
+                knob = (f"{ml}- instead of {st.p.crft_max_length}-token rows" if ml != st.p.crft_max_length
+                        else f"{ep:g} passes instead of {st.p.crft_epochs:g}")
+                out.append((knob, r))
+        return out
+
+    def max_length_of(self, spec: RunSpec) -> int:
+        return spec.recipe["data"]["max_length"]
 
     def grft_bound(self) -> str:
         pts = self.curve()
@@ -1745,6 +1790,31 @@ class Report:
         if png:
             self.w(f"![data efficiency]({png})", "")
         self.w(f"Reproduce: `{self.cmd_only('efficiency')}`", "")
+
+    def bounds(self) -> None:
+        st, p = self.st, self.p
+        if len(st.bound_runs) < 2:
+            return
+        d = p.bounds_domain
+        self.w(f"## 6. What bounds CRFT: one knob at a time ({d}, the first {st.runs[st.bound_runs[0]].n_domain} "
+               "train pairs)", "",
+               "Each probe changes one setting of the reference run (the data-efficiency run of that size) and is "
+               "scored on the same test pairs at its own row length; Δ vs the reference, paired. A longer window "
+               "that helps means the 64-token rows bound accuracy; more passes that help mean steps do.", "",
+               "| run | tokens per row | passes | steps | train acc (last 10 steps) | pairs/s | accuracy [95%] | "
+               "Δ vs reference [95%] | verdict | length baseline | pairs / prompts |",
+               "|---|---|---|---|---|---|---|---|---|---|---|")
+        for i, n in enumerate(st.bound_runs):
+            spec, tr = st.runs[n], st.train_rate(n)
+            r = st.result(f"bounds-{d}", n, f"dsp-{d}")
+            dd = r.get("diff_vs_first") if r and i else None
+            rate = f"{tr['pairs_per_s']:.3f}" if tr else "—"
+            self.w(f"| {spec.label}{' (reference)' if i == 0 else ''} | {self.max_length_of(spec)} | "
+                   f"{spec.recipe['train']['epochs']:g} | {tr['steps'] if tr else '—'} | "
+                   f"{pct(tr['train_acc_last']) if tr else '—'} | {rate} | "
+                   f"{self.cell(r)} | {diff_str(dd) if dd else '—'} | {verdict_of(r) if dd else '—'} | "
+                   f"{self.length(r)} | {self.n(r)} |")
+        self.w("", f"Reproduce: `{self.cmd_only('bounds')}`", "")
 
     def flags(self) -> None:
         st = self.st

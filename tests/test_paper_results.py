@@ -164,3 +164,39 @@ def test_plateau():
 def test_wilson():
     lo, hi = pr.wilson(50, 100)
     assert round(lo, 4) == 0.4038 and round(hi, 4) == 0.5962
+
+
+# ---- the bounds probes: one knob changed at a time against the run of that domain and size ----------------
+
+def defined_study(tmp_path: Path, **over) -> "pr.Study":
+    import argparse
+
+    args = argparse.Namespace(scale="full", out=str(tmp_path / "out"), report=str(tmp_path / "r.md"), keep_stale=False)
+    st = pr.Study(args, pr.dataclasses.replace(pr.PRESETS["full"], **over))
+    st.counts = {f"train-dsp-{d}": {"records": 1400} for d in pr.DOMAINS}
+    st.counts.update({f"train-{s}": {"records": 800} for s in ("helpful", "harmless")})
+    st.define()
+    return st
+
+
+def test_bounds_probes_change_one_setting_of_the_efficiency_run(tmp_path):
+    st = defined_study(tmp_path)
+    ref, window, passes = st.bound_runs
+    assert ref == "crft-business-n512-w0-e0" and st.runs[ref].part == "efficiency"  # shared, not retrained
+    assert window == "crft-business-n512-w0-e0-ml128" and passes == "crft-business-n512-w0-e0-ep2"
+    r, w, e = (st.runs[n].recipe for n in st.bound_runs)
+    assert (r["data"]["max_length"], w["data"]["max_length"], e["data"]["max_length"]) == (64, 128, 64)
+    assert (r["train"]["epochs"], w["train"]["epochs"], e["train"]["epochs"]) == (1.0, 1.0, 2.0)
+    assert (st.runs[ref].steps, st.runs[window].steps, st.runs[passes].steps) == (32, 32, 64)
+    strip = lambda rec: {**rec, "data": {**rec["data"], "max_length": 0},  # noqa: E731
+                         "train": {**rec["train"], "epochs": 0, "output_dir": ""}}
+    assert strip(r) == strip(w) == strip(e)  # nothing else differs
+    assert st.runs[window].label == "CRFT business n=512 128 tokens"
+    g = st.groups["bounds-business"]
+    assert (g.part, g.runs, g.sets) == ("bounds", [ref, window, passes], ["dsp-business"])
+    assert "crft-business-n512-w0-e0-ml128" not in st.eff_runs["business"]
+
+
+def test_no_bounds_probes_when_unset(tmp_path):
+    st = defined_study(tmp_path, bounds_domain=None)
+    assert st.bound_runs == [] and "bounds-business" not in st.groups
