@@ -200,3 +200,11 @@ def test_bounds_probes_change_one_setting_of_the_efficiency_run(tmp_path):
 def test_no_bounds_probes_when_unset(tmp_path):
     st = defined_study(tmp_path, bounds_domain=None)
     assert st.bound_runs == [] and "bounds-business" not in st.groups
+
+
+def test_the_cross_table_scores_every_model_at_the_crft_window(tmp_path):
+    st = defined_study(tmp_path)
+    cross, base = st.groups["cross"], st.groups["grft-vs-base"]
+    assert cross.runs[0] == "grft" and cross.max_length == 64
+    assert st.group_key(cross)["max_length"] == 64
+    assert base.max_length is None and "max_length" not in st.group_key(base)  # its cache key is unchanged
