@@ -1132,7 +1132,9 @@ class Study:
 
     def run_part(self, part: str) -> None:
         print(f"\n######## part {part} ########", flush=True)
-        for name in self.part_runs(part):
+        # its own runs, then any run its eval groups share with a later part (efficiency's n=128 is a sweep cell)
+        needed = self.part_runs(part) + [r for g in self.part_groups(part) for r in self.groups[g].runs]
+        for name in dict.fromkeys(needed):
             self.ensure_run(name)
             self.write_report()
         todo: list[tuple[str, str]] = []

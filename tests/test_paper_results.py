@@ -208,3 +208,19 @@ def test_the_cross_table_scores_every_model_at_the_crft_window(tmp_path):
     assert cross.runs[0] == "grft" and cross.max_length == 64
     assert st.group_key(cross)["max_length"] == 64
     assert base.max_length is None and "max_length" not in st.group_key(base)  # its cache key is unchanged
+
+
+def test_a_part_trains_the_runs_its_groups_share_with_a_later_part_first(tmp_path, monkeypatch):
+    st = defined_study(tmp_path)
+    calls = []
+    monkeypatch.setattr(st, "ensure_run", lambda n: calls.append(("run", n)))
+    monkeypatch.setattr(st, "ensure_group", lambda n: calls.append(("eval", n)))
+    monkeypatch.setattr(st, "bows_for", lambda todo: None)
+    monkeypatch.setattr(st, "write_report", lambda: None)
+    st.run_part("efficiency")
+    n128 = "crft-business-n128-w0-e0"
+    assert st.runs[n128].part == "sweep"  # a sweep (0,0) cell, also efficiency's n=128 point
+    first_eval = calls.index(("eval", "efficiency-business"))
+    assert ("run", n128) in calls[:first_eval] and ("run", "crft-entertainment-n128-w0-e0") in calls[:first_eval]
+    assert [c for c in calls if c[0] == "eval"] == [("eval", "efficiency-business"), ("eval", "efficiency-entertainment")]
+    assert len(calls) == len(set(calls))  # each run once
