@@ -1583,19 +1583,21 @@ class Report:
             b = st.result(f"efficiency-{d}", names[-1], f"dsp-{d}")
             if a and b:
                 slope = (b["accuracy"] - a["accuracy"]) / max(1, st.runs[names[-1]].n_domain - st.runs[names[-2]].n_domain) * 1000
+                lo, hi = a["accuracy_ci"]
+                flat = lo <= b["accuracy"] <= hi  # the last point inside the previous point's interval
                 parts.append(f"the efficiency curve adds {100 * slope:+.1f} points per 1000 pairs at its end "
-                             f"({'still rising: bounded by data' if slope > 0 else 'flat: bounded by model, length or lr'})")
+                             f"({'flat within the interval: not bounded by data' if flat else 'still rising: bounded by data'})")
         else:
             parts.append("no efficiency curve for this domain (efficiency_domains)")
         if tr and tr["train_acc_last"] < TARGET_CRFT_ACC and not one_pass:
             parts.append("the model does not fit its train pairs either (capacity, max_length or lr/steps)")
-        for knob, r in self.bound_effects():
+        for _, knob, r in self.bound_effects():
             parts.append(f"{knob} at {st.p.bounds_domain} n={st.runs[st.bound_runs[0]].n_domain}: "
                          f"{diff_str(r.get('diff_vs_first'))} ({verdict_of(r)}; section 6)")
         return "; ".join(parts)
 
-    def bound_effects(self) -> list[tuple[str, dict]]:
-        """(knob, result) for each bounds probe that has been scored, against the probe's reference."""
+    def bound_effects(self) -> list[tuple[str, str, dict]]:
+        """(run, knob, result) for each bounds probe that has been scored, against the probe's reference."""
         st, out = self.st, []
         for n in st.bound_runs[1:]:
             r = st.result(f"bounds-{st.p.bounds_domain}", n, f"dsp-{st.p.bounds_domain}")
@@ -1604,7 +1606,7 @@ class Report:
                 ml, ep = self.max_length_of(spec), spec.recipe["train"]["epochs"]
                 knob = (f"{ml}- instead of {st.p.crft_max_length}-token rows" if ml != st.p.crft_max_length
                         else f"{ep:g} passes instead of {st.p.crft_epochs:g}")
-                out.append((knob, r))
+                out.append((n, knob, r))
         return out
 
     def max_length_of(self, spec: RunSpec) -> int:
@@ -1827,6 +1829,12 @@ class Report:
                    f"{pct(tr['train_acc_last']) if tr else '—'} | {rate} | "
                    f"{self.cell(r)} | {diff_str(dd) if dd else '—'} | {verdict_of(r) if dd else '—'} | "
                    f"{self.length(r)} | {self.n(r)} |")
+        for n, knob, r in self.bound_effects():
+            tr = st.train_rate(n)
+            if "passes" in knob and tr and tr["train_acc_last"] >= 0.9 and verdict_of(r) != "holds":
+                self.w("", f"With {knob} the model fits its train pairs ({pct(tr['train_acc_last'])}% over the last 10 "
+                       "steps, each pair seen before) without gaining on test: more steps memorise, they do not "
+                       "generalise.")
         self.w("", f"Reproduce: `{self.cmd_only('bounds')}`", "")
 
     def flags(self) -> None:
