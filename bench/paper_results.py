@@ -10,7 +10,7 @@ alone (reference checkpoint first): above 0 "holds", below 0 "reversed", across 
     RMKIT_DATA=/work/shared/data python bench/paper_results.py --scale smoke      # < 10 min; report: runs/results-smoke/results.md
     RMKIT_DATA=/work/shared/data python bench/paper_results.py --scale full       # the study (refuses > budget)
     python bench/paper_results.py --scale full --plan-only          # estimated hours per part, nothing run
-    python bench/paper_results.py --scale full --only crft          # one part: grft crft cross sweep efficiency
+    python bench/paper_results.py --scale full --only crft          # one part: grft crft cross sweep efficiency bounds
     python bench/paper_results.py --scale full --report-only        # rewrite docs/results.md from what exists
     python bench/paper_results.py --scale full --param crft_lr=1e-5 # override one preset value
 
