@@ -109,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--last-tokens and --tokenizer go together")
     train, test = read_records(args.train), read_records(args.test)
     if args.last_tokens is not None:
-        from transformers import AutoTokenizer
+        from rmkit.tokenizer import load_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(args.tokenizer), local_files_only=True)
+        tok = load_tokenizer(args.tokenizer)
         train, test = last_tokens(train, tok, args.last_tokens), last_tokens(test, tok, args.last_tokens)
         print(f"responses cut to their last {args.last_tokens} tokens ({args.tokenizer})")
     shared = {r.prompt for r in train} & {r.prompt for r in test}

@@ -489,7 +489,7 @@ def rmkit_bin() -> list[str]:
 @dataclass
 class RunSpec:
     name: str
-    part: str            # the part whose time it counts in (the first that needs it)
+    part: str            # the part whose time it counts in (the first to define it; an earlier part may train it)
     stage: str
     kind: str            # rate class: base, grft, crft, crft-imit
     recipe: dict
@@ -1603,14 +1603,11 @@ class Report:
             r = st.result(f"bounds-{st.p.bounds_domain}", n, f"dsp-{st.p.bounds_domain}")
             if r and r.get("diff_vs_first"):
                 spec = st.runs[n]
-                ml, ep = self.max_length_of(spec), spec.recipe["train"]["epochs"]
+                ml, ep = st.max_length(spec), spec.recipe["train"]["epochs"]
                 knob = (f"{ml}- instead of {st.p.crft_max_length}-token rows" if ml != st.p.crft_max_length
                         else f"{ep:g} passes instead of {st.p.crft_epochs:g}")
                 out.append((n, knob, r))
         return out
-
-    def max_length_of(self, spec: RunSpec) -> int:
-        return spec.recipe["data"]["max_length"]
 
     def grft_bound(self) -> str:
         pts = self.curve()
@@ -1824,14 +1821,14 @@ class Report:
             r = st.result(f"bounds-{d}", n, f"dsp-{d}")
             dd = r.get("diff_vs_first") if r and i else None
             rate = f"{tr['pairs_per_s']:.3f}" if tr else "—"
-            self.w(f"| {spec.label}{' (reference)' if i == 0 else ''} | {self.max_length_of(spec)} | "
+            self.w(f"| {spec.label}{' (reference)' if i == 0 else ''} | {st.max_length(spec)} | "
                    f"{spec.recipe['train']['epochs']:g} | {tr['steps'] if tr else '—'} | "
                    f"{pct(tr['train_acc_last']) if tr else '—'} | {rate} | "
                    f"{self.cell(r)} | {diff_str(dd) if dd else '—'} | {verdict_of(r) if dd else '—'} | "
                    f"{self.length(r)} | {self.n(r)} |")
         for n, knob, r in self.bound_effects():
             tr = st.train_rate(n)
-            if "passes" in knob and tr and tr["train_acc_last"] >= 0.9 and verdict_of(r) != "holds":
+            if st.runs[n].recipe["train"]["epochs"] != p.crft_epochs and tr and tr["train_acc_last"] >= 0.9 and verdict_of(r) != "holds":
                 self.w("", f"With {knob} the model fits its train pairs ({pct(tr['train_acc_last'])}% over the last 10 "
                        "steps, each pair seen before) without gaining on test: more steps memorise, they do not "
                        "generalise.")
