@@ -112,6 +112,7 @@ class Params:
     bounds_pairs: int = 512
     bounds_max_length: int = 128             # longer rows: does the token window bound accuracy?
     bounds_epochs: float = 2.0               # more passes over the same pairs: do steps bound it?
+    bounds_lrs: tuple[float, ...] = (2e-5, 1e-4)  # a lower and a higher peak lr: does the lr bound it?
     # resumability and statistics
     save_every: int = 10                     # steps between checkpoints: the most a kill can lose
     seed: int = 42
@@ -129,7 +130,7 @@ PRESETS: dict[str, Params] = {
         grft_micro_batch=4, grft_eval_every=2, grft_dev_limit=16,
         crft_lr=1e-3, crft_pairs=16, crft_max_length=64, crft_global_batch=8, crft_micro_batch=4,
         sweep_domains=("business",), sweep_pairs=16, efficiency_domains=("business",), efficiency_sizes=(8,),
-        bounds_pairs=8, bounds_max_length=96,
+        bounds_pairs=8, bounds_max_length=96, bounds_lrs=(5e-4,),
         save_every=2, bootstrap=200, budget_hours=0.25,
     ),
     # The study (values set below from CRFT probes; the old PROVISIONAL note follows for the record):
@@ -749,14 +750,15 @@ class Study:
         grft_final = rel(self.run_dir("grft") / "final")
 
         def crft(domain: str, n: Optional[int], w: float, e: float, part: str,
-                 max_length: Optional[int] = None, epochs: Optional[float] = None) -> str:
+                 max_length: Optional[int] = None, epochs: Optional[float] = None, lr: Optional[float] = None) -> str:
             total = cnt.get(f"train-dsp-{domain}", {}).get("records", 0)
             n_dom = total if n is None or n >= total else n
             tag = "all" if n_dom == total else f"n{n_dom}"
             ml = max_length or p.crft_max_length
             ep = p.crft_epochs if epochs is None else epochs
+            lr_ = p.crft_lr if lr is None else lr
             name = (f"crft-{domain}-{tag}-w{w:g}-e{e:g}" + (f"-ml{ml}" if ml != p.crft_max_length else "")
-                    + (f"-ep{ep:g}" if ep != p.crft_epochs else ""))
+                    + (f"-ep{ep:g}" if ep != p.crft_epochs else "") + (f"-lr{lr_:g}" if lr_ != p.crft_lr else ""))
             if name in self.runs:
                 return name
             src = {"path": rel(d / f"dsp-{domain}" / "train.jsonl"), "format": "canonical",
@@ -771,7 +773,7 @@ class Study:
             rec = {"stage": "crft", "domain": domain, "model": {"path": grft_final, "pooling": "last"}, "data": data,
                    "loss": {"ranking_weight": 1.0, "imitation_weight": w, "imitation_target": p.imitation_target,
                             "imitation_reduction": p.imitation_reduction},
-                   "train": {"lr": p.crft_lr, "schedule": p.crft_schedule, "warmup_steps": 0,
+                   "train": {"lr": lr_, "schedule": p.crft_schedule, "warmup_steps": 0,
                              "global_batch": p.crft_global_batch, "micro_batch": p.crft_micro_batch,
                              "epochs": ep, "max_steps": p.crft_steps, "seed": p.seed, "eval_every": 0,
                              "save_every": p.save_every, "keep_last": 1, "output_dir": rel(self.run_dir(name))},
@@ -779,7 +781,7 @@ class Study:
             st = p.crft_steps or max(1, int(ep * records) // p.crft_global_batch)
             label = (f"CRFT {domain}" + ("" if tag == "all" else f" n={n_dom}") + (f" w={w:g}" if w else "")
                      + (f" e={e:g}" if e else "") + (f" {ml} tokens" if ml != p.crft_max_length else "")
-                     + (f" {ep:g} passes" if ep != p.crft_epochs else ""))
+                     + (f" {ep:g} passes" if ep != p.crft_epochs else "") + (f" lr {lr_:g}" if lr_ != p.crft_lr else ""))
             self.add_run(RunSpec(name, part, "crft", "crft-imit" if w else "crft", rec, domain=domain, parent="grft",
                                  train_records=records, steps=st, label=label, n_domain=n_dom, w=w, e=e))
             return name
@@ -803,7 +805,8 @@ class Study:
         if p.bounds_domain:
             b = (p.bounds_domain, p.bounds_pairs, 0.0, 0.0, "bounds")
             self.bound_runs = list(dict.fromkeys([crft(*b), crft(*b, max_length=p.bounds_max_length),
-                                                  crft(*b, epochs=p.bounds_epochs)]))
+                                                  crft(*b, epochs=p.bounds_epochs),
+                                                  *[crft(*b, lr=x) for x in p.bounds_lrs]]))
         # eval groups: the reference checkpoint first
         gen = list(GENERAL)
         self.add_group(EvalGroup("grft-vs-base", "grft", ["base", "grft"], ["base", "GRFT"], gen))
@@ -1603,9 +1606,10 @@ class Report:
             r = st.result(f"bounds-{st.p.bounds_domain}", n, f"dsp-{st.p.bounds_domain}")
             if r and r.get("diff_vs_first"):
                 spec = st.runs[n]
-                ml, ep = st.max_length(spec), spec.recipe["train"]["epochs"]
+                ml, ep, lr = st.max_length(spec), spec.recipe["train"]["epochs"], spec.recipe["train"]["lr"]
                 knob = (f"{ml}- instead of {st.p.crft_max_length}-token rows" if ml != st.p.crft_max_length
-                        else f"{ep:g} passes instead of {st.p.crft_epochs:g}")
+                        else f"{ep:g} passes instead of {st.p.crft_epochs:g}" if ep != st.p.crft_epochs
+                        else f"lr {lr:g} instead of {st.p.crft_lr:g}")
                 out.append((n, knob, r))
         return out
 
@@ -1812,17 +1816,18 @@ class Report:
                "train pairs)", "",
                "Each probe changes one setting of the reference run (the data-efficiency run of that size) and is "
                "scored on the same test pairs at its own row length; Δ vs the reference, paired. A longer window "
-               "that helps means the 64-token rows bound accuracy; more passes that help mean steps do.", "",
-               "| run | tokens per row | passes | steps | train acc (last 10 steps) | pairs/s | accuracy [95%] | "
+               f"that helps means the {p.crft_max_length}-token rows bound accuracy; more passes that help mean steps "
+               "do; a lower or higher peak lr that helps means the lr does.", "",
+               "| run | tokens per row | passes | lr | steps | train acc (last 10 steps) | pairs/s | accuracy [95%] | "
                "Δ vs reference [95%] | verdict | length baseline | pairs / prompts |",
-               "|---|---|---|---|---|---|---|---|---|---|---|")
+               "|---|---|---|---|---|---|---|---|---|---|---|---|")
         for i, n in enumerate(st.bound_runs):
             spec, tr = st.runs[n], st.train_rate(n)
             r = st.result(f"bounds-{d}", n, f"dsp-{d}")
             dd = r.get("diff_vs_first") if r and i else None
             rate = f"{tr['pairs_per_s']:.3f}" if tr else "—"
             self.w(f"| {spec.label}{' (reference)' if i == 0 else ''} | {st.max_length(spec)} | "
-                   f"{spec.recipe['train']['epochs']:g} | {tr['steps'] if tr else '—'} | "
+                   f"{spec.recipe['train']['epochs']:g} | {spec.recipe['train']['lr']:g} | {tr['steps'] if tr else '—'} | "
                    f"{pct(tr['train_acc_last']) if tr else '—'} | {rate} | "
                    f"{self.cell(r)} | {diff_str(dd) if dd else '—'} | {verdict_of(r) if dd else '—'} | "
                    f"{self.length(r)} | {self.n(r)} |")

@@ -181,20 +181,32 @@ def defined_study(tmp_path: Path, **over) -> "pr.Study":
 
 def test_bounds_probes_change_one_setting_of_the_efficiency_run(tmp_path):
     st = defined_study(tmp_path)
-    ref, window, passes = st.bound_runs
+    ref, window, passes, low, high = st.bound_runs
     assert ref == "crft-business-n512-w0-e0" and st.runs[ref].part == "efficiency"  # shared, not retrained
     assert window == "crft-business-n512-w0-e0-ml128" and passes == "crft-business-n512-w0-e0-ep2"
-    r, w, e = (st.runs[n].recipe for n in st.bound_runs)
-    assert (r["data"]["max_length"], w["data"]["max_length"], e["data"]["max_length"]) == (64, 128, 64)
-    assert (r["train"]["epochs"], w["train"]["epochs"], e["train"]["epochs"]) == (1.0, 1.0, 2.0)
-    assert (st.runs[ref].steps, st.runs[window].steps, st.runs[passes].steps) == (32, 32, 64)
+    assert (low, high) == ("crft-business-n512-w0-e0-lr2e-05", "crft-business-n512-w0-e0-lr0.0001")
+    r, w, e, lo, hi = (st.runs[n].recipe for n in st.bound_runs)
+    assert [x["data"]["max_length"] for x in (r, w, e, lo, hi)] == [64, 128, 64, 64, 64]
+    assert [x["train"]["epochs"] for x in (r, w, e, lo, hi)] == [1.0, 1.0, 2.0, 1.0, 1.0]
+    assert [x["train"]["lr"] for x in (r, w, e, lo, hi)] == [5e-5, 5e-5, 5e-5, 2e-5, 1e-4]
+    assert [st.runs[n].steps for n in st.bound_runs] == [32, 32, 64, 32, 32]
     strip = lambda rec: {**rec, "data": {**rec["data"], "max_length": 0},  # noqa: E731
-                         "train": {**rec["train"], "epochs": 0, "output_dir": ""}}
-    assert strip(r) == strip(w) == strip(e)  # nothing else differs
+                         "train": {**rec["train"], "epochs": 0, "lr": 0, "output_dir": ""}}
+    assert strip(r) == strip(w) == strip(e) == strip(lo) == strip(hi)  # nothing else differs
     assert st.runs[window].label == "CRFT business n=512 128 tokens"
+    assert st.runs[high].label == "CRFT business n=512 lr 0.0001"
     g = st.groups["bounds-business"]
-    assert (g.part, g.runs, g.sets) == ("bounds", [ref, window, passes], ["dsp-business"])
+    assert (g.part, g.runs, g.sets) == ("bounds", [ref, window, passes, low, high], ["dsp-business"])
     assert "crft-business-n512-w0-e0-ml128" not in st.eff_runs["business"]
+
+
+def test_each_bounds_probe_is_named_by_the_one_knob_it_changes(tmp_path, monkeypatch):
+    st = defined_study(tmp_path)
+    diff = {"value": 0.01, "lo": -0.02, "hi": 0.04}
+    monkeypatch.setattr(st, "result", lambda group, run, s: {"diff_vs_first": diff} if run != st.bound_runs[0] else {})
+    knobs = [knob for _, knob, _ in pr.Report(st).bound_effects()]
+    assert knobs == ["128- instead of 64-token rows", "2 passes instead of 1", "lr 2e-05 instead of 5e-05",
+                     "lr 0.0001 instead of 5e-05"]
 
 
 def test_no_bounds_probes_when_unset(tmp_path):
