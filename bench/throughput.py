@@ -95,7 +95,7 @@ def step_ids(step: int, batch: int, n: int) -> list[int]:
 def work(mode: str, encoded: list[Any], spec: dict[str, Any]) -> dict[str, float]:
     """Positions and rows each mode runs through the decoder in the timed steps, from the rows'
     lengths (rmkit's are counted from its real batches instead), and the distinct tokens."""
-    impl = mode.split("/")[1]
+    impl = split_mode(mode)[0].split("/")[1]
     n, b, ml = len(encoded), spec["batch"], spec["max_length"]
     positions = square = 0.0
     distinct = 0
@@ -312,8 +312,15 @@ def worker_original(spec: dict[str, Any], imitation_weight: float, pad_to_max: b
             "pairs": spec["steps"] * spec["batch"]}
 
 
+def split_mode(mode: str) -> tuple[str, int | None]:
+    """'crft/rmkit@1' -> ('crft/rmkit', 1): an rmkit mode at its own micro-batch (records per
+    micro-batch), so one run can set micro-batch sizes side by side; no '@': (mode, None)."""
+    base, _, micro = mode.partition("@")
+    return base, int(micro) if micro else None
+
+
 def run_worker(mode: str, spec: dict[str, Any]) -> dict[str, Any]:
-    stage, impl = mode.split("/")
+    stage, impl = split_mode(mode)[0].split("/")
     weight = spec["imitation_weight"] if stage == "crft" else 0.0
     if impl == "rmkit":
         res = worker_rmkit(spec, weight)
@@ -413,7 +420,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=3, help="repetitions of every mode, order rotated")
     p.add_argument("--imitation-weight", type=float, default=1.0, help="CRFT's LM loss weight")
     p.add_argument("--domain", default="business", help="DSP domain for CRFT")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}; an rmkit mode as MODE@N runs at "
+                        "micro-batch N records (e.g. crft/rmkit@1,crft/rmkit@4)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="every mode's precision (auto: what rmkit picks on this machine)")
     p.add_argument("--no-prefix-sharing", action="store_true", help="rmkit modes without prefix sharing")
@@ -448,9 +456,15 @@ def main(argv: list[str] | None = None) -> None:
 
     console = Console(width=160)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES]
+    unknown = [m for m in modes if split_mode(m)[0] not in MODES
+               or ("@" in m and (not m.partition("@")[2].isdigit() or not m.startswith(("grft/rmkit@", "crft/rmkit@"))))]
     if unknown:
-        raise SystemExit(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
+        raise SystemExit(f"unknown modes {unknown}; choose from {', '.join(MODES)} (rmkit modes also as "
+                         f"MODE@N: micro-batch N records)")
+    for m in modes:
+        micro = split_mode(m)[1] or args.micro
+        if micro < 1 or args.batch % micro:
+            p.error(f"{m}: --batch {args.batch} is not a multiple of its micro-batch {micro}")
     precision, why = resolve_precision(args.precision, on_gpu=False)
     model = resolve_model(args.model)
     tok = AutoTokenizer.from_pretrained(model)
@@ -474,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
             for mode in modes[rep % len(modes):] + modes[:rep % len(modes)]:
                 stage = mode.split("/")[0]
                 spec = {"model": str(model), "data": str(data[stage]), "max_length": args.max_length,
-                        "batch": args.batch, "micro": args.micro, "warmup": args.warmup, "steps": steps,
+                        "batch": args.batch, "micro": split_mode(mode)[1] or args.micro, "warmup": args.warmup, "steps": steps,
                         "threads": args.threads, "imitation_weight": args.imitation_weight,
                         "prefix_sharing": not args.no_prefix_sharing, "compile": args.compile,
                         "precision": precision, "tmp": tempfile.mkdtemp(dir=tmp),
@@ -510,7 +524,7 @@ def main(argv: list[str] | None = None) -> None:
         if not rs:
             continue
         med = lambda key, rs=rs: statistics.median(r[key] for r in rs)  # noqa: E731
-        impl = mode.split("/")[1]
+        impl = split_mode(mode)[0].split("/")[1]
         mfu = statistics.median(flops(r, mode, shape, lm_all=impl in ("original", "padmax")) / r["seconds"]
                                 for r in rs) / rate[precision]
         summary[mode] = {"pairs_per_s": statistics.median(r["pairs"] / r["seconds"] for r in rs),
@@ -520,14 +534,15 @@ def main(argv: list[str] | None = None) -> None:
                          "spread": spread([r["pairs"] / r["seconds"] for r in rs])}
     md_rows = []
     for mode, s in summary.items():
-        base = summary.get(BASELINE.get(mode, ""))
+        base_mode = BASELINE.get(split_mode(mode)[0], "")
+        base = summary.get(base_mode)
         ratios = ["", "", ""]
         if base:
             ratios = [f"{s['pairs_per_s'] / base['pairs_per_s']:.2f}x",
                       f"{s['pairs_per_cpu_s'] / base['pairs_per_cpu_s']:.2f}x",
                       f"{s['peak_rss_mb'] / base['peak_rss_mb']:.2f}x"]
         cells = [mode, s["spread"], f"{s['cpu_per_step']:.2f}", f"{s['peak_rss_mb']:.0f}", f"{s['ratio']:.2f}",
-                 f"{100 * s['mfu']:.0f}%", BASELINE.get(mode, "") if base else "", *ratios]
+                 f"{100 * s['mfu']:.0f}%", base_mode if base else "", *ratios]
         table.add_row(*cells)
         md_rows.append("| " + " | ".join(cells) + " |")
     console.print(table)
@@ -541,7 +556,7 @@ def main(argv: list[str] | None = None) -> None:
             "",
             f"- command: `{cmd.strip()}`",
             f"- data: HH helpful (GRFT) and DSP {args.domain} pairs (CRFT), {args.pairs} pairs each, max length "
-            f"{args.max_length}; batch {args.batch} pairs (rmkit micro-batch {args.micro} records), {args.warmup} "
+            f"{args.max_length}; batch {args.batch} pairs (rmkit micro-batch {args.micro} records unless a mode says @N), {args.warmup} "
             f"warmup + {steps} timed steps, {args.reps} repetitions (median [min, max]); imitation weight "
             f"{args.imitation_weight} (CRFT)",
             f"- precision {precision}: {why}",
