@@ -63,6 +63,7 @@ MODES = ("grft/rmkit", "grft/trl", "grft/trl-gc", "grft/original", "grft/padmax"
 BASELINE = {"grft/rmkit": "grft/trl", "grft/trl-gc": "grft/trl", "grft/original": "grft/trl",
             "grft/padmax": "grft/trl", "crft/rmkit": "crft/original", "crft/padmax": "crft/original"}
 LR = 1e-5
+STAGE_MICRO = {"grft": 1, "crft": 4}  # rmkit's records per micro-batch: recipes/cpu/{grft,crft}.yaml
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -411,9 +412,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pairs", type=int, default=32, help="data slice: pairs per stage")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
-    p.add_argument("--micro", type=int, default=4,
-                   help="rmkit: records per micro-batch (a DSP query's 4 pairs; on a CPU the speed barely "
-                        "depends on it, the memory does)")
+    p.add_argument("--micro", type=int, default=None,
+                   help="rmkit: records per micro-batch (default: recipes/cpu's, GRFT 1 and CRFT 4, a DSP query's "
+                        "4 pairs; on a CPU the speed barely depends on it, the memory does)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (at least 1)")
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps (default: one pass over the pairs, less the warmup steps)")
@@ -436,8 +437,6 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.warmup < 1:
         p.error("--warmup must be at least 1 (TRL's step clock starts at the end of a step)")
-    if args.batch % args.micro:
-        p.error(f"--batch {args.batch} is not a multiple of --micro {args.micro}")
 
     if args.worker:
         spec = json.loads(Path(args.spec).read_text())
@@ -461,8 +460,11 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown modes {unknown}; choose from {', '.join(MODES)} (rmkit modes also as "
                          f"MODE@N: micro-batch N records)")
+    def micro_of(m: str) -> int:
+        return split_mode(m)[1] or args.micro or STAGE_MICRO[m.split("/")[0]]
+
     for m in modes:
-        micro = split_mode(m)[1] or args.micro
+        micro = micro_of(m)
         if micro < 1 or args.batch % micro:
             p.error(f"{m}: --batch {args.batch} is not a multiple of its micro-batch {micro}")
     precision, why = resolve_precision(args.precision, on_gpu=False)
@@ -488,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
             for mode in modes[rep % len(modes):] + modes[:rep % len(modes)]:
                 stage = mode.split("/")[0]
                 spec = {"model": str(model), "data": str(data[stage]), "max_length": args.max_length,
-                        "batch": args.batch, "micro": split_mode(mode)[1] or args.micro, "warmup": args.warmup, "steps": steps,
+                        "batch": args.batch, "micro": micro_of(mode), "warmup": args.warmup, "steps": steps,
                         "threads": args.threads, "imitation_weight": args.imitation_weight,
                         "prefix_sharing": not args.no_prefix_sharing, "compile": args.compile,
                         "precision": precision, "tmp": tempfile.mkdtemp(dir=tmp),
@@ -556,7 +558,8 @@ def main(argv: list[str] | None = None) -> None:
             "",
             f"- command: `{cmd.strip()}`",
             f"- data: HH helpful (GRFT) and DSP {args.domain} pairs (CRFT), {args.pairs} pairs each, max length "
-            f"{args.max_length}; batch {args.batch} pairs (rmkit micro-batch {args.micro} records unless a mode says @N), {args.warmup} "
+            f"{args.max_length}; batch {args.batch} pairs (rmkit micro-batch "
+            f"{args.micro or 'GRFT 1, CRFT 4'} records unless a mode says @N), {args.warmup} "
             f"warmup + {steps} timed steps, {args.reps} repetitions (median [min, max]); imitation weight "
             f"{args.imitation_weight} (CRFT)",
             f"- precision {precision}: {why}",
