@@ -421,8 +421,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=3, help="repetitions of every mode, order rotated")
     p.add_argument("--imitation-weight", type=float, default=1.0, help="CRFT's LM loss weight")
     p.add_argument("--domain", default="business", help="DSP domain for CRFT")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}; an rmkit mode as MODE@N runs at "
-                        "micro-batch N records (e.g. crft/rmkit@1,crft/rmkit@4)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}; an rmkit mode as "
+                        "MODE@N runs at micro-batch N records (e.g. crft/rmkit@1,crft/rmkit@4)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="every mode's precision (auto: what rmkit picks on this machine)")
     p.add_argument("--no-prefix-sharing", action="store_true", help="rmkit modes without prefix sharing")
