@@ -63,7 +63,15 @@ MODES = ("grft/rmkit", "grft/trl", "grft/trl-gc", "grft/original", "grft/padmax"
 BASELINE = {"grft/rmkit": "grft/trl", "grft/trl-gc": "grft/trl", "grft/original": "grft/trl",
             "grft/padmax": "grft/trl", "crft/rmkit": "crft/original", "crft/padmax": "crft/original"}
 LR = 1e-5
-STAGE_MICRO = {"grft": 1, "crft": 4}  # rmkit's records per micro-batch: recipes/cpu/{grft,crft}.yaml
+
+
+def recipe_micro(stage: str) -> int:
+    """rmkit's records per micro-batch by default: what recipes/cpu/STAGE.yaml ships (chosen there by memory)."""
+    import yaml
+
+    from rmkit.recipe import resolve_recipe_path
+
+    return int(yaml.safe_load(resolve_recipe_path(f"cpu/{stage}").read_text())["train"]["micro_batch"])
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -315,9 +323,12 @@ def worker_original(spec: dict[str, Any], imitation_weight: float, pad_to_max: b
 
 def split_mode(mode: str) -> tuple[str, int | None]:
     """'crft/rmkit@1' -> ('crft/rmkit', 1): an rmkit mode at its own micro-batch (records per
-    micro-batch), so one run can set micro-batch sizes side by side; no '@': (mode, None)."""
-    base, _, micro = mode.partition("@")
-    return base, int(micro) if micro else None
+    micro-batch), so one run can set micro-batch sizes side by side; no '@': (mode, None); a
+    non-numeric '@...' stays in the name, which then matches no mode."""
+    base, at, micro = mode.partition("@")
+    if at and not micro.isdigit():
+        return mode, None
+    return base, int(micro) if at else None
 
 
 def run_worker(mode: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -413,8 +424,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
     p.add_argument("--micro", type=int, default=None,
-                   help="rmkit: records per micro-batch (default: recipes/cpu's, GRFT 1 and CRFT 4, a DSP query's "
-                        "4 pairs; on a CPU the speed barely depends on it, the memory does)")
+                   help="rmkit: records per micro-batch (default: what recipes/cpu/{grft,crft}.yaml ship; on a "
+                        "CPU the speed barely depends on it, the memory does)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (at least 1)")
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps (default: one pass over the pairs, less the warmup steps)")
@@ -455,17 +466,22 @@ def main(argv: list[str] | None = None) -> None:
 
     console = Console(width=160)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = [m for m in modes if split_mode(m)[0] not in MODES
-               or ("@" in m and (not m.partition("@")[2].isdigit() or not m.startswith(("grft/rmkit@", "crft/rmkit@"))))]
+    unknown = [m for m, (base, micro) in ((m, split_mode(m)) for m in modes)
+               if base not in MODES or (micro is not None and not base.endswith("/rmkit"))]
     if unknown:
         raise SystemExit(f"unknown modes {unknown}; choose from {', '.join(MODES)} (rmkit modes also as "
                          f"MODE@N: micro-batch N records)")
+    default_micro = {st: args.micro if args.micro is not None else recipe_micro(st) for st in ("grft", "crft")}
+
     def micro_of(m: str) -> int:
-        return split_mode(m)[1] or args.micro or STAGE_MICRO[m.split("/")[0]]
+        micro = split_mode(m)[1]
+        return default_micro[m.split("/")[0]] if micro is None else micro
 
     for m in modes:
         micro = micro_of(m)
-        if micro < 1 or args.batch % micro:
+        if micro < 1:
+            p.error(f"{m}: a micro-batch holds at least 1 record, not {micro}")
+        if args.batch % micro:
             p.error(f"{m}: --batch {args.batch} is not a multiple of its micro-batch {micro}")
     precision, why = resolve_precision(args.precision, on_gpu=False)
     model = resolve_model(args.model)
@@ -559,7 +575,7 @@ def main(argv: list[str] | None = None) -> None:
             f"- command: `{cmd.strip()}`",
             f"- data: HH helpful (GRFT) and DSP {args.domain} pairs (CRFT), {args.pairs} pairs each, max length "
             f"{args.max_length}; batch {args.batch} pairs (rmkit micro-batch "
-            f"{args.micro or 'GRFT 1, CRFT 4'} records unless a mode says @N), {args.warmup} "
+            f"GRFT {default_micro['grft']}, CRFT {default_micro['crft']} records unless a mode says @N), {args.warmup} "
             f"warmup + {steps} timed steps, {args.reps} repetitions (median [min, max]); imitation weight "
             f"{args.imitation_weight} (CRFT)",
             f"- precision {precision}: {why}",
