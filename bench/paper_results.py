@@ -66,7 +66,7 @@ TARGET_OVER_BOW = 0.05
 @dataclass(frozen=True)
 class Params:
     model: str                      # "tiny" (a random 2-layer Llama built here, smoke only) or an rmkit model name/path
-    precision: str = "auto"         # launch.precision: auto = bf16 with AMX, fp32 without
+    precision: str = "auto"         # launch.precision: auto = bf16 with AMX or avx512_bf16, fp32 without
     # splits (by prompt hash, `rmkit data split`); dev is carved from train, never from test
     test_fraction: float = 0.25
     split_salt: str = ""

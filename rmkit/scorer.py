@@ -101,16 +101,17 @@ def default_batch_size(device: "torch.device") -> int:
 
 
 def default_device() -> tuple["torch.device", "torch.dtype"]:
-    """The first GPU in bf16 when there is one, else the CPU in the precision training's
-    `launch.precision: auto` picks there (bf16 with AMX, fp32 without: `rmkit.hardware`)."""
+    """The first GPU when there is one, else the CPU, in the precision training's `launch.precision:
+    auto` picks there (bf16 on a GPU and with AMX or avx512_bf16, else fp32; RMKIT_PRECISION pins
+    it: `rmkit.hardware`)."""
     import torch
 
     from rmkit.hardware import resolve_precision
 
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
-    precision, _ = resolve_precision("auto", on_gpu=False)
-    return torch.device("cpu"), torch.bfloat16 if precision == "bf16" else torch.float32
+    on_gpu = torch.cuda.is_available()
+    precision, _ = resolve_precision("auto", on_gpu=on_gpu)
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    return device, torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def decoder_reward_refusal(ckpt: Checkpoint, trust_remote_code: bool = False) -> str | None:

@@ -6,6 +6,7 @@ causal-LM folder, so training tests can pass its path anywhere a model name goes
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,11 @@ CORPUS = [
     "Numbers 0 1 2 3 4 5 6 7 8 9 and punctuation , . ; : ! ? ' \" ( ) [ ] { }",
 ]
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>"]  # ids 0, 1, 2
+
+# `auto` precision would be bf16 on CPUs with AMX or avx512_bf16 and fp32 on others: the tests
+# pin fp32 (inherited by every subprocess they start) so they assert the same on every machine;
+# tests/test_hardware.py checks `auto` itself with the pin removed
+os.environ["RMKIT_PRECISION"] = "fp32"
 
 
 def build_tiny_tokenizer():
