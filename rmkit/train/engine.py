@@ -290,7 +290,8 @@ class LocalEngine(Engine):
         opt.pop("torch_adam", None)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=opt.get("lr", 1e-5), betas=tuple(opt.get("betas", (0.9, 0.999))),
-                                           eps=opt.get("eps", 1e-8), weight_decay=opt.get("weight_decay", 0.0))
+                                           eps=opt.get("eps", 1e-8), weight_decay=opt.get("weight_decay", 0.0),
+                                           fused=bool(opt.get("fused", False)))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
         self.accum = int(config.get("gradient_accumulation_steps", 1))
         self.clip = float(config.get("gradient_clipping", 0.0) or 0.0)
