@@ -16,7 +16,10 @@ the modes' order rotated each time; the table gives the median and the min-max s
                   world size 1, in-process): records sharing a prompt grouped (each distinct text
                   once), prefix sharing chosen per micro-batch, eos pooling, --micro records per
                   micro-batch with gradient accumulation
-  grft/trl        trl.RewardTrainer, gradient checkpointing off (its default, and the faster)
+  grft/trl        trl.RewardTrainer, gradient checkpointing off (its default, and the faster), all
+                  --batch pairs in one micro-batch (its per_device_train_batch_size); grft/trl@N
+                  at N pairs per micro-batch with gradient accumulation (less padding); rmkit's
+                  ratio is against the fastest TRL run measured
   grft/trl-gc     the same with gradient checkpointing on (its memory-saving setting)
   grft/original   the original DSP code (Linear95/DSP) as its authors run it (scripts/train.sh:
                   micro-batch 1 with gradient accumulation, so train.py pads nothing but the pair:
@@ -113,10 +116,12 @@ def work(mode: str, encoded: list[Any], spec: dict[str, Any]) -> dict[str, float
         prompts = {tuple(e.prompt_ids) for e in encs}
         texts = {(tuple(e.prompt_ids), tuple(r)) for e in encs for r in e.response_ids}
         distinct += sum(len(q) for q in prompts) + sum(len(r) for _, r in texts)
-        if impl.startswith("trl"):  # chosen and rejected concatenated, padded to the batch's longest
-            width = max(max(e.row_lengths()) for e in encs)
-            positions += 2 * b * width
-            square += 2 * b * width ** 2
+        if impl.startswith("trl"):  # chosen and rejected concatenated, padded to the micro-batch's longest
+            for start in range(0, b, spec["micro"]):
+                part = encs[start:start + spec["micro"]]
+                width = max(max(e.row_lengths()) for e in part)
+                positions += 2 * len(part) * width
+                square += 2 * len(part) * width ** 2
         elif impl == "original":  # micro-batch 1: each pair padded to its longer row
             for e in encs:
                 positions += 2 * max(e.row_lengths())
@@ -218,7 +223,8 @@ def worker_trl(spec: dict[str, Any], checkpointing: bool) -> dict[str, Any]:
             r = records[i]
             best, worst = (0, 1) if r.scores[0] > r.scores[1] else (1, 0)
             rows.append({"prompt": r.prompt, "chosen": r.responses[best], "rejected": r.responses[worst]})
-    args = RewardConfig(output_dir=spec["tmp"] + "/trl", per_device_train_batch_size=spec["batch"],
+    args = RewardConfig(output_dir=spec["tmp"] + "/trl", per_device_train_batch_size=spec["micro"],
+                        gradient_accumulation_steps=spec["batch"] // spec["micro"],
                         max_steps=spec["warmup"] + spec["steps"], learning_rate=LR, lr_scheduler_type="constant",
                         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=spec["precision"] == "bf16",
                         fp16=False, gradient_checkpointing=checkpointing, max_length=spec["max_length"],
@@ -322,7 +328,7 @@ def worker_original(spec: dict[str, Any], imitation_weight: float, pad_to_max: b
 
 
 def split_mode(mode: str) -> tuple[str, int | None]:
-    """'crft/rmkit@1' -> ('crft/rmkit', 1): an rmkit mode at its own micro-batch (records per
+    """'crft/rmkit@1' -> ('crft/rmkit', 1): an rmkit or TRL mode at its own micro-batch (records per
     micro-batch), so one run can set micro-batch sizes side by side; no '@': (mode, None); a
     non-numeric '@...' stays in the name, which then matches no mode."""
     base, at, micro = mode.partition("@")
@@ -364,7 +370,7 @@ def hardware() -> str:
 
 def matmul_rate(dtype_name: str, threads: int, n: int = 1024, reps: int = 3) -> float:
     """The best of `reps` n^3 matmuls, in FLOP/s (2 n^3 each): the roofline's compute ceiling
-    (1024^3 is already at the plateau on a CPU, and bf16 without AMX needs seconds per call)."""
+    (1024^3 is already at the plateau on a CPU, and emulated bf16 (no AMX or avx512_bf16) needs seconds per call)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -432,8 +438,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=3, help="repetitions of every mode, order rotated")
     p.add_argument("--imitation-weight", type=float, default=1.0, help="CRFT's LM loss weight")
     p.add_argument("--domain", default="business", help="DSP domain for CRFT")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}; an rmkit mode as "
-                        "MODE@N runs at micro-batch N records (e.g. crft/rmkit@1,crft/rmkit@4)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}; an rmkit or TRL "
+                        "mode as MODE@N runs at micro-batch N records (e.g. crft/rmkit@1,grft/trl@1)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="every mode's precision (auto: what rmkit picks on this machine)")
     p.add_argument("--no-prefix-sharing", action="store_true", help="rmkit modes without prefix sharing")
@@ -467,15 +473,18 @@ def main(argv: list[str] | None = None) -> None:
     console = Console(width=160)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m, (base, micro) in ((m, split_mode(m)) for m in modes)
-               if base not in MODES or (micro is not None and not base.endswith("/rmkit"))]
+               if base not in MODES or (micro is not None and base.split("/")[1] not in ("rmkit", "trl", "trl-gc"))]
     if unknown:
-        raise SystemExit(f"unknown modes {unknown}; choose from {', '.join(MODES)} (rmkit modes also as "
+        raise SystemExit(f"unknown modes {unknown}; choose from {', '.join(MODES)} (rmkit and TRL modes also as "
                          f"MODE@N: micro-batch N records)")
     default_micro = {st: args.micro if args.micro is not None else recipe_micro(st) for st in ("grft", "crft")}
 
     def micro_of(m: str) -> int:
-        micro = split_mode(m)[1]
-        return default_micro[m.split("/")[0]] if micro is None else micro
+        """Records per micro-batch: MODE@N; else rmkit's recipe, TRL's whole batch (its own default)."""
+        base, micro = split_mode(m)
+        if micro is not None:
+            return micro
+        return args.batch if base.split("/")[1].startswith("trl") else default_micro[base.split("/")[0]]
 
     for m in modes:
         micro = micro_of(m)
@@ -552,7 +561,9 @@ def main(argv: list[str] | None = None) -> None:
                          "spread": spread([r["pairs"] / r["seconds"] for r in rs])}
     md_rows = []
     for mode, s in summary.items():
-        base_mode = BASELINE.get(split_mode(mode)[0], "")
+        # against the fastest run of the baseline mode at any micro-batch (grft/trl or grft/trl@N)
+        candidates = [m for m in summary if split_mode(m)[0] == BASELINE.get(split_mode(mode)[0], "")]
+        base_mode = max(candidates, key=lambda m: summary[m]["pairs_per_s"], default="")
         base = summary.get(base_mode)
         ratios = ["", "", ""]
         if base:
