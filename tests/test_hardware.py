@@ -67,5 +67,5 @@ def test_environment_pins_auto(monkeypatch) -> None:  # type: ignore[no-untyped-
     monkeypatch.setenv("RMKIT_PRECISION", "fp64")
     with pytest.raises(RmkitError) as e:
         resolve_precision("auto", on_gpu=False)
-    assert e.value.render() == ("RMKIT_PRECISION: RMKIT_PRECISION='fp64' is not a precision\n"
+    assert e.value.render() == ("RMKIT_PRECISION: 'fp64' is not a precision\n"
                                 "  hint: set RMKIT_PRECISION to auto, fp32 or bf16, or unset it")
