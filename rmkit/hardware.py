@@ -3,7 +3,7 @@
 On a GPU, bf16. On a CPU it depends on the chip. With bf16 matmul instructions, AMX tiles
 (`amx_bf16`: Intel Sapphire Rapids and later) or AVX-512 bf16 dot products (`avx512_bf16`: Intel
 Cooper Lake, AMD Zen 4 and later), oneDNN runs bf16 matmuls 2-4x faster than fp32 (measured on an
-AMD EPYC with avx512_bf16 and no AMX: 800 against 200 GFLOP/s, and training 1.8-2.2x faster in
+AMD EPYC with avx512_bf16 and no AMX: 760-820 against 160-185 GFLOP/s, and training 1.8-2.2x faster in
 single preliminary runs, docs/benchmarks.md). Without either, PyTorch emulates bf16 through fp32 and converts, which runs
 slower than plain fp32 (0.9 against 82-120 GFLOP/s on an avx2-only EPYC). So `auto` reads the
 CPU's flags (no timing probe: the choice must be the same on every rank and every resume).
