@@ -36,8 +36,11 @@ positions a mode runs through the decoder over the distinct tokens of its record
 and each distinct response once: the physical floor of work). MFU = the matmul FLOPs a mode
 executes (PaLM's count: 6 N + 12 n_layer d T per position for a row of T positions, N the
 decoder's matmul parameters, plus 6 V d per position that goes through the LM head) per second,
-over this machine's measured matmul rate at the precision used (`--roofline` prints it).
-Results print as a table and are appended to docs/benchmarks.md.
+over this machine's measured matmul rate at the precision used (printed at the start).
+Results print as a table and are appended to docs/benchmarks.md. --profile runs torch.profiler
+around every mode's timed steps and prints where the time goes (self CPU time of each operator,
+grouped: matmuls, the attention kernel, copies and casts, the optimizer, the rest), which is what
+bounds MFU; its overhead is in that run's timings, so compare profiled runs with each other only.
 """
 
 from __future__ import annotations
@@ -134,6 +137,41 @@ def work(mode: str, encoded: list[Any], spec: dict[str, Any]) -> dict[str, float
 
 # ---- workers: one mode each, in its own process ----------------------------------------------------
 
+PROFILE_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("matmuls", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+    ("attention kernel", ("scaled_dot_product", "flash_attention")),
+    ("copies, casts, concatenation", ("aten::copy_", "aten::_to_copy", "aten::cat", "aten::clone")),
+    ("optimizer", ("adam",)),
+)
+
+
+def profile_group(op: str) -> str:
+    """The group an operator's self time counts in (the first that names it), else 'the rest'."""
+    for name, keys in PROFILE_GROUPS:
+        if op in keys or any(k in op.lower() for k in keys if not k.startswith("aten::")):
+            return name
+    return "the rest"
+
+
+def start_profile(spec: dict[str, Any]) -> Any:
+    """A started torch.profiler (CPU operators) when the run is profiled, else None."""
+    if not spec.get("profile"):
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU])
+    prof.start()
+    return prof
+
+
+def stop_profile(prof: Any) -> dict[str, Any]:
+    """Self CPU seconds per operator of a started profiler (empty when there is none)."""
+    if prof is None:
+        return {}
+    prof.stop()
+    ops = [(e.key, e.count, e.self_cpu_time_total / 1e6) for e in prof.key_averages()]
+    return {"profile": sorted((o for o in ops if o[2] > 0), key=lambda o: -o[2])}
+
 def autocast(precision: str) -> Any:
     import contextlib
 
@@ -191,11 +229,13 @@ def worker_rmkit(spec: dict[str, Any], imitation_weight: float) -> dict[str, Any
     for step in range(spec["warmup"]):
         runner.train_step(step)
     counted["on"] = True
+    prof = start_profile(spec)
     t0, c0 = time.perf_counter(), time.process_time()
     pairs = 0
     for step in range(spec["warmup"], spec["warmup"] + spec["steps"]):
         pairs += runner.train_step(step)["pairs"]
-    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "pairs": pairs,
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "pairs": pairs, **stop_profile(prof),
             "positions": counted["positions"], "square": counted["square"], "lm_positions": counted["lm"]}
 
 
@@ -231,10 +271,16 @@ def worker_trl(spec: dict[str, Any], checkpointing: bool) -> dict[str, Any]:
                         logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True,
                         dataloader_num_workers=0, seed=0, disable_tqdm=True)
     stamps: list[tuple[float, float]] = []
+    prof: list[Any] = []
+    profiled: dict[str, Any] = {}
 
     class Clock(TrainerCallback):
         def on_step_end(self, *a: Any, **k: Any) -> None:
             stamps.append((time.perf_counter(), time.process_time()))
+            if len(stamps) == spec["warmup"]:
+                prof.append(start_profile(spec))
+            elif len(stamps) == spec["warmup"] + spec["steps"]:
+                profiled.update(stop_profile(prof[0]))
 
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                             callbacks=[Clock()])
@@ -245,7 +291,7 @@ def worker_trl(spec: dict[str, Any], checkpointing: bool) -> dict[str, Any]:
     trainer.train()
     w = spec["warmup"]
     (t0, c0), (t1, c1) = stamps[w - 1], stamps[w + spec["steps"] - 1]
-    return {"seconds": t1 - t0, "cpu_seconds": c1 - c0, "pairs": spec["steps"] * spec["batch"]}
+    return {"seconds": t1 - t0, "cpu_seconds": c1 - c0, "pairs": spec["steps"] * spec["batch"], **profiled}
 
 
 def worker_original(spec: dict[str, Any], imitation_weight: float, pad_to_max: bool) -> dict[str, Any]:
@@ -320,11 +366,32 @@ def worker_original(spec: dict[str, Any], imitation_weight: float, pad_to_max: b
 
     for k in range(spec["warmup"]):
         step(k)
+    prof = start_profile(spec)
     t0, c0 = time.perf_counter(), time.process_time()
     for k in range(spec["warmup"], spec["warmup"] + spec["steps"]):
         step(k)
-    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
-            "pairs": spec["steps"] * spec["batch"]}
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "pairs": spec["steps"] * spec["batch"], **stop_profile(prof)}
+
+
+PROFILE_COLUMNS = ("mode", "self CPU s/step", *(name for name, _ in PROFILE_GROUPS), "the rest", "largest of the rest")
+
+
+def profile_rows(runs: dict[str, list[dict[str, Any]]], steps: int) -> list[list[str]]:
+    """A row per profiled mode: its self CPU time per step and each group's share of it."""
+    rows = []
+    for mode, rs in runs.items():
+        ops = next((r["profile"] for r in rs if r.get("profile")), None)
+        if not ops:
+            continue
+        total = sum(o[2] for o in ops) or 1.0
+        share = {name: 0.0 for name in (*(n for n, _ in PROFILE_GROUPS), "the rest")}
+        for key, _, sec in ops:
+            share[profile_group(key)] += sec
+        rest = [o for o in ops if profile_group(o[0]) == "the rest"][:3]
+        rows.append([mode, f"{total / steps:.2f}", *(f"{100 * v / total:.0f}%" for v in share.values()),
+                     ", ".join(f"{k} {100 * sec / total:.0f}%" for k, _, sec in rest)])
+    return rows
 
 
 def split_mode(mode: str) -> tuple[str, int | None]:
@@ -445,6 +512,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-prefix-sharing", action="store_true", help="rmkit modes without prefix sharing")
     p.add_argument("--compile", action="store_true",
                    help="rmkit modes with torch.compile(dynamic=True) on the decoder (an experiment; rmkit does not compile)")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler around each mode's timed steps: where the time goes (adds its overhead)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks.md"), help="append results here ('' = don't)")
@@ -517,7 +586,7 @@ def main(argv: list[str] | None = None) -> None:
                 spec = {"model": str(model), "data": str(data[stage]), "max_length": args.max_length,
                         "batch": args.batch, "micro": micro_of(mode), "warmup": args.warmup, "steps": steps,
                         "threads": args.threads, "imitation_weight": args.imitation_weight,
-                        "prefix_sharing": not args.no_prefix_sharing, "compile": args.compile,
+                        "prefix_sharing": not args.no_prefix_sharing, "compile": args.compile, "profile": args.profile,
                         "precision": precision, "tmp": tempfile.mkdtemp(dir=tmp),
                         "result": str(Path(tmp) / f"{mode.replace('/', '-')}-{rep}.json")}
                 spec_path = Path(spec["tmp"]) / "spec.json"
@@ -575,6 +644,14 @@ def main(argv: list[str] | None = None) -> None:
         table.add_row(*cells)
         md_rows.append("| " + " | ".join(cells) + " |")
     console.print(table)
+    prof_rows = profile_rows(runs, steps)
+    if prof_rows:
+        ptable = Table(title="where the time goes (torch.profiler, self CPU time of the timed steps, first repetition)")
+        for col in PROFILE_COLUMNS:
+            ptable.add_column(col, justify="left" if col in ("mode", "largest of the rest") else "right")
+        for cells in prof_rows:
+            ptable.add_row(*cells)
+        console.print(ptable)
     if failed:
         console.print(f"[red]not written to {args.docs or 'docs'}: {', '.join(sorted(set(failed)))} failed[/]")
         sys.exit(1)
@@ -600,6 +677,11 @@ def main(argv: list[str] | None = None) -> None:
             lines.append(f"- note: {args.note}")
         lines += ["", "| " + " | ".join(columns) + " |",
                   "|---|" + "---:|" * 5 + "---|" + "---:|" * 3, *md_rows, ""]
+        if prof_rows:
+            lines += ["Where the time goes (torch.profiler around the timed steps of the first repetition, self CPU "
+                      "time; the profiler's overhead is in this run's timings):", "",
+                      "| " + " | ".join(PROFILE_COLUMNS) + " |", "|---|" + "---:|" * (len(PROFILE_COLUMNS) - 2) + "---|",
+                      *("| " + " | ".join(c) + " |" for c in prof_rows), ""]
         docs = Path(args.docs)
         docs.parent.mkdir(parents=True, exist_ok=True)
         with open(docs, "a", encoding="utf-8") as f:

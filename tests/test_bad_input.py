@@ -36,6 +36,7 @@ class Case:
     message: str
     absent: list[Path]
     hint: bool = True  # the message says how to fix it ("hint:", or click's "Usage:" line)
+    env: dict[str, str] | None = None  # set in the command's environment
 
 
 Setup = Callable[[Path, Path], Case]
@@ -47,9 +48,9 @@ def case(fn: Setup) -> Setup:
     return fn
 
 
-def rmkit(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+def rmkit(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "RMKIT_FAULT"}
-    env.update(PYTHONPATH=str(REPO), COLUMNS="200")
+    env.update(PYTHONPATH=str(REPO), COLUMNS="200", **(extra_env or {}))
     env.pop("RMKIT_NOPE", None)
     return subprocess.run([sys.executable, "-m", "rmkit", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -359,6 +360,14 @@ def recipe_fp16_on_cpu(tmp: Path, model: Path) -> Case:
 
 
 @case
+def allocator_setting_unknown(tmp: Path, model: Path) -> Case:
+    return Case(_train(tmp, _recipe(tmp, model), "grft", "--dry-run"),
+                "RMKIT_MALLOC: 'jemalloc' is not an allocator setting\n"
+                "  hint: set RMKIT_MALLOC to keep (the default) or system, or unset it", [tmp / "run"],
+                env={"RMKIT_MALLOC": "jemalloc"})
+
+
+@case
 def recipe_on_nonfinite_unknown(tmp: Path, model: Path) -> Case:
     r = _recipe(tmp, model, train=f'train: {{lr: 1.0e-3, global_batch: 4, on_nonfinite: ignore, output_dir: "{tmp / "run"}"}}')
     return Case(_train(tmp, r, "grft", "--dry-run"), "train.on_nonfinite: Input should be 'stop' or 'skip' (got 'ignore')",
@@ -594,7 +603,7 @@ def resume_with_nothing_to_resume(tmp: Path, model: Path) -> Case:
 def test_bad_input(name: str, tmp_path: Path, tiny_model_dir: Path) -> None:
     c = CASES[name](tmp_path, tiny_model_dir)
     before = {p for p in tmp_path.rglob("*")}
-    res = rmkit(c.args, cwd=tmp_path)
+    res = rmkit(c.args, cwd=tmp_path, extra_env=c.env)
     assert res.returncode == 2, f"exit {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
     assert c.message in res.stderr, res.stderr[-3000:]
     assert "Traceback" not in res.stderr + res.stdout, res.stderr[-3000:]

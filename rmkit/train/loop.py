@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from rmkit import __version__, checkpoint
+from rmkit.allocator import keep_freed_memory
 from rmkit.console import print0
 from rmkit.data.collate import Batch, EncodedRecord, collate, encode_record, packed_length, packing_pays
 from rmkit.data.records import read_records
@@ -98,6 +99,9 @@ class Trainer:
             rank, world, device = 0, 1, torch.device("cpu")
             torch.manual_seed(r.train.seed)
         self.rank, self.world, self.device = rank, world, device
+        if device.type == "cpu":  # before the model and data: every allocation after this is reused
+            self.allocator = keep_freed_memory()
+            print0(f"allocator: {self.allocator}")
         model_path = Path(self.info["model_path"])
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=r.model.trust_remote_code)
         self.model = build_model(r, model_path)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rmkit import __version__
+from rmkit.allocator import allocator_choice
 from rmkit.checkpoint import META_FILE
 from rmkit.data.records import write_records
 from rmkit.data.sources import load_eval_sets, load_spec
@@ -206,6 +207,8 @@ def plan_run(recipe: Recipe) -> RunPlan:
         raise RmkitError(f"launch.gpus={recipe.launch.gpus} but only {gpus} GPU(s) are visible", where="recipe")
     accum = recipe.grad_accum(world)
     precision, why = recipe.precision(on_gpu)
+    if not on_gpu:
+        allocator_choice()  # a bad RMKIT_MALLOC fails here, not in every rank
     if precision == "fp16" and not on_gpu:
         raise RmkitError("fp16 needs a GPU", where="launch.precision", hint="use fp32 (or bf16) on CPU")
     if recipe.stage == "crft" and not Path(recipe.model.path).exists():

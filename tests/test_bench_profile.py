@@ -1,0 +1,46 @@
+"""bench/throughput.py's --profile: operators grouped by what bounds MFU, shares per mode."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+_PATH = Path(__file__).resolve().parent.parent / "bench" / "throughput.py"
+_spec = importlib.util.spec_from_file_location("bench_throughput", _PATH)
+tp = importlib.util.module_from_spec(_spec)
+sys.modules["bench_throughput"] = tp
+_spec.loader.exec_module(tp)
+
+
+def test_operators_fall_in_the_groups_that_bound_mfu() -> None:
+    assert tp.profile_group("aten::mm") == "matmuls"
+    assert tp.profile_group("aten::addmm") == "matmuls"
+    assert tp.profile_group("aten::_scaled_dot_product_flash_attention_for_cpu_backward") == "attention kernel"
+    assert tp.profile_group("aten::copy_") == "copies, casts, concatenation"
+    assert tp.profile_group("aten::cat") == "copies, casts, concatenation"
+    assert tp.profile_group("aten::_fused_adamw_") == "optimizer"
+    assert tp.profile_group("aten::mul") == "the rest"
+    assert tp.profile_group("aten::mm_backward_helper") == "the rest"  # aten names match whole, not as prefixes
+
+
+def test_profile_rows_give_each_groups_share_of_self_time_per_step() -> None:
+    ops = [("aten::mm", 30, 2.0), ("aten::mul", 90, 1.0), ("aten::_fused_adamw_", 1, 0.5), ("aten::add", 5, 0.5)]
+    runs = {"grft/rmkit": [{"profile": ops}, {"profile": [("aten::mm", 1, 9.0)]}], "grft/trl": [{"seconds": 1.0}]}
+    rows = tp.profile_rows(runs, steps=2)
+    assert rows == [["grft/rmkit", "2.00", "50%", "0%", "0%", "12%", "38%", "aten::mul 25%, aten::add 12%"]]
+    assert len(rows[0]) == len(tp.PROFILE_COLUMNS)
+
+
+def test_a_real_profile_counts_the_matmuls_it_ran() -> None:
+    prof = tp.start_profile({"profile": True})
+    a = torch.randn(256, 256)
+    for _ in range(3):
+        a = torch.mm(a, a).clamp(-1, 1)
+    out = tp.stop_profile(prof)["profile"]
+    counts = {key: count for key, count, _ in out}
+    assert counts["aten::mm"] == 3 and counts["aten::clamp"] == 3
+    assert all(sec > 0 for _, _, sec in out) and [o[2] for o in out] == sorted((o[2] for o in out), reverse=True)
+    assert tp.start_profile({"profile": False}) is None and tp.stop_profile(None) == {}
