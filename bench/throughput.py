@@ -374,23 +374,29 @@ def worker_original(spec: dict[str, Any], imitation_weight: float, pad_to_max: b
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "pairs": spec["steps"] * spec["batch"], **stop_profile(prof)}
 
 
-PROFILE_COLUMNS = ("mode", "self CPU s/step", *(name for name, _ in PROFILE_GROUPS), "the rest", "largest of the rest")
+PROFILE_COLUMNS = ("mode", "self CPU s/step", *(name for name, _ in PROFILE_GROUPS), "the rest", "largest of the rest",
+                   "matmul GFLOP/s")
 
 
-def profile_rows(runs: dict[str, list[dict[str, Any]]], steps: int) -> list[list[str]]:
-    """A row per profiled mode: its self CPU time per step and each group's share of it."""
+def profile_rows(runs: dict[str, list[dict[str, Any]]], steps: int,
+                 linear_flops: Any = None) -> list[list[str]]:
+    """A row per profiled mode: its self CPU time per step, each group's share of it, and the rate
+    its matmul operators ran at (`linear_flops(run, mode)`: the FLOPs of its weight matmuls, over
+    their self time), set against the square 1024^3 probe's."""
     rows = []
     for mode, rs in runs.items():
-        ops = next((r["profile"] for r in rs if r.get("profile")), None)
-        if not ops:
+        run = next((r for r in rs if r.get("profile")), None)
+        if run is None:
             continue
+        ops = run["profile"]
         total = sum(o[2] for o in ops) or 1.0
         share = {name: 0.0 for name in (*(n for n, _ in PROFILE_GROUPS), "the rest")}
         for key, _, sec in ops:
             share[profile_group(key)] += sec
         rest = [o for o in ops if profile_group(o[0]) == "the rest"][:3]
+        rate = f"{linear_flops(run, mode) / share['matmuls'] / 1e9:.0f}" if linear_flops and share["matmuls"] else ""
         rows.append([mode, f"{total / steps:.2f}", *(f"{100 * v / total:.0f}%" for v in share.values()),
-                     ", ".join(f"{k} {100 * sec / total:.0f}%" for k, _, sec in rest)])
+                     ", ".join(f"{k} {100 * sec / total:.0f}%" for k, _, sec in rest), rate])
     return rows
 
 
@@ -644,7 +650,12 @@ def main(argv: list[str] | None = None) -> None:
         table.add_row(*cells)
         md_rows.append("| " + " | ".join(cells) + " |")
     console.print(table)
-    prof_rows = profile_rows(runs, steps)
+    def linear_flops(r: dict[str, Any], mode: str) -> float:
+        """The FLOPs of the weight matmuls alone (the attention scores run in the attention kernel)."""
+        lm_all = split_mode(mode)[0].split("/")[1] in ("original", "padmax")
+        return flops(r, mode, shape, lm_all) - 12 * shape["layers"] * shape["d"] * r["square"]
+
+    prof_rows = profile_rows(runs, steps, linear_flops)
     if prof_rows:
         ptable = Table(title="where the time goes (torch.profiler, self CPU time of the timed steps, first repetition)")
         for col in PROFILE_COLUMNS:
@@ -680,7 +691,7 @@ def main(argv: list[str] | None = None) -> None:
         if prof_rows:
             lines += ["Where the time goes (torch.profiler around the timed steps of the first repetition, self CPU "
                       "time; the profiler's overhead is in this run's timings):", "",
-                      "| " + " | ".join(PROFILE_COLUMNS) + " |", "|---|" + "---:|" * (len(PROFILE_COLUMNS) - 2) + "---|",
+                      "| " + " | ".join(PROFILE_COLUMNS) + " |", "|---|" + "---:|" * (len(PROFILE_COLUMNS) - 3) + "---|---:|",
                       *("| " + " | ".join(c) + " |" for c in prof_rows), ""]
         docs = Path(args.docs)
         docs.parent.mkdir(parents=True, exist_ok=True)

@@ -30,8 +30,11 @@ def test_profile_rows_give_each_groups_share_of_self_time_per_step() -> None:
     ops = [("aten::mm", 30, 2.0), ("aten::mul", 90, 1.0), ("aten::_fused_adamw_", 1, 0.5), ("aten::add", 5, 0.5)]
     runs = {"grft/rmkit": [{"profile": ops}, {"profile": [("aten::mm", 1, 9.0)]}], "grft/trl": [{"seconds": 1.0}]}
     rows = tp.profile_rows(runs, steps=2)
-    assert rows == [["grft/rmkit", "2.00", "50%", "0%", "0%", "12%", "38%", "aten::mul 25%, aten::add 12%"]]
+    assert rows == [["grft/rmkit", "2.00", "50%", "0%", "0%", "12%", "38%", "aten::mul 25%, aten::add 12%", ""]]
     assert len(rows[0]) == len(tp.PROFILE_COLUMNS)
+    # 600 GFLOP of weight matmuls in the 2.0 self seconds of aten::mm: 300 GFLOP/s
+    (row,) = tp.profile_rows(runs, steps=2, linear_flops=lambda run, mode: 600e9)
+    assert row[-1] == "300"
 
 
 def test_a_real_profile_counts_the_matmuls_it_ran() -> None:
