@@ -382,7 +382,8 @@ def profile_rows(runs: dict[str, list[dict[str, Any]]], steps: int,
                  linear_flops: Any = None) -> list[list[str]]:
     """A row per profiled mode: its self CPU time per step, each group's share of it, and the rate
     its matmul operators ran at (`linear_flops(run, mode)`: the FLOPs of its weight matmuls, over
-    their self time), set against the square 1024^3 probe's."""
+    their self time; the attention scores run in the attention kernel), set against the 1024^3
+    probe's."""
     rows = []
     for mode, rs in runs.items():
         run = next((r for r in rs if r.get("profile")), None)
@@ -391,9 +392,10 @@ def profile_rows(runs: dict[str, list[dict[str, Any]]], steps: int,
         ops = run["profile"]
         total = sum(o[2] for o in ops) or 1.0
         share = {name: 0.0 for name in (*(n for n, _ in PROFILE_GROUPS), "the rest")}
-        for key, _, sec in ops:
-            share[profile_group(key)] += sec
-        rest = [o for o in ops if profile_group(o[0]) == "the rest"][:3]
+        groups = [profile_group(key) for key, _, _ in ops]
+        for group, (_, _, sec) in zip(groups, ops):
+            share[group] += sec
+        rest = [o for o, group in zip(ops, groups) if group == "the rest"][:3]
         rate = f"{linear_flops(run, mode) / share['matmuls'] / 1e9:.0f}" if linear_flops and share["matmuls"] else ""
         rows.append([mode, f"{total / steps:.2f}", *(f"{100 * v / total:.0f}%" for v in share.values()),
                      ", ".join(f"{k} {100 * sec / total:.0f}%" for k, _, sec in rest), rate])
@@ -470,12 +472,18 @@ def model_shape(model_dir: Path) -> dict[str, float]:
     return {"N": float(per_layer * layers), "layers": float(layers), "d": float(d), "V": float(config["vocab_size"])}
 
 
-def flops(res: dict[str, Any], mode: str, shape: dict[str, float], lm_all: bool) -> float:
-    """Matmul FLOPs executed: 6 N per position + 12 n_layer d T per position of a T-long row
-    (sum of T^2 over rows), plus 6 V d per position through the LM head."""
-    core = 6 * shape["N"] * res["positions"] + 12 * shape["layers"] * shape["d"] * res["square"]
+def weight_flops(res: dict[str, Any], mode: str, shape: dict[str, float]) -> float:
+    """FLOPs of the weight matmuls: 6 N per position, plus 6 V d per position through the LM head
+    (every position in the original code and its pad-to-max variant, the imitation targets in rmkit)."""
+    lm_all = split_mode(mode)[0].split("/")[1] in ("original", "padmax")
     head = res["positions"] if lm_all else res.get("lm_positions", 0.0)
-    return core + 6 * shape["V"] * shape["d"] * head
+    return 6 * shape["N"] * res["positions"] + 6 * shape["V"] * shape["d"] * head
+
+
+def flops(res: dict[str, Any], mode: str, shape: dict[str, float]) -> float:
+    """Matmul FLOPs executed: the weight matmuls, plus 12 n_layer d T per position of a T-long row
+    (sum of T^2 over rows) for the attention scores."""
+    return weight_flops(res, mode, shape) + 12 * shape["layers"] * shape["d"] * res["square"]
 
 
 def versions() -> str:
@@ -626,9 +634,7 @@ def main(argv: list[str] | None = None) -> None:
         if not rs:
             continue
         med = lambda key, rs=rs: statistics.median(r[key] for r in rs)  # noqa: E731
-        impl = split_mode(mode)[0].split("/")[1]
-        mfu = statistics.median(flops(r, mode, shape, lm_all=impl in ("original", "padmax")) / r["seconds"]
-                                for r in rs) / rate[precision]
+        mfu = statistics.median(flops(r, mode, shape) / r["seconds"] for r in rs) / rate[precision]
         summary[mode] = {"pairs_per_s": statistics.median(r["pairs"] / r["seconds"] for r in rs),
                          "pairs_per_cpu_s": statistics.median(r["pairs"] / r["cpu_seconds"] for r in rs),
                          "peak_rss_mb": med("peak_rss_mb"), "cpu_per_step": med("cpu_seconds") / steps,
@@ -650,12 +656,7 @@ def main(argv: list[str] | None = None) -> None:
         table.add_row(*cells)
         md_rows.append("| " + " | ".join(cells) + " |")
     console.print(table)
-    def linear_flops(r: dict[str, Any], mode: str) -> float:
-        """The FLOPs of the weight matmuls alone (the attention scores run in the attention kernel)."""
-        lm_all = split_mode(mode)[0].split("/")[1] in ("original", "padmax")
-        return flops(r, mode, shape, lm_all) - 12 * shape["layers"] * shape["d"] * r["square"]
-
-    prof_rows = profile_rows(runs, steps, linear_flops)
+    prof_rows = profile_rows(runs, steps, lambda r, m: weight_flops(r, m, shape))
     if prof_rows:
         ptable = Table(title="where the time goes (torch.profiler, self CPU time of the timed steps, first repetition)")
         for col in PROFILE_COLUMNS:

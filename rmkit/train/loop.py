@@ -100,8 +100,7 @@ class Trainer:
             torch.manual_seed(r.train.seed)
         self.rank, self.world, self.device = rank, world, device
         if device.type == "cpu":  # before the model and data: every allocation after this is reused
-            self.allocator = keep_freed_memory()
-            print0(f"allocator: {self.allocator}")
+            print0(f"allocator: {keep_freed_memory()}")
         model_path = Path(self.info["model_path"])
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=r.model.trust_remote_code)
         self.model = build_model(r, model_path)
