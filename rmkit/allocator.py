@@ -19,7 +19,8 @@ import os
 from rmkit.errors import RmkitError
 
 ENV = "RMKIT_MALLOC"
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+MMAP_THRESHOLD = 32 * 2**20  # glibc's largest: blocks up to 32 MiB come from the heap
 NEVER_TRIM = 2**31 - 1  # mallopt takes an int: trim only a top over 2 GiB
 
 
@@ -33,7 +34,10 @@ def allocator_choice() -> str:
 
 
 def keep_freed_memory() -> str:
-    """Make this process's glibc malloc keep freed memory (no mmap, no trim); says what it did."""
+    """Make this process's glibc malloc keep freed memory (heap up to 32 MiB, no trim); says what it did.
+
+    mmap stays on above 32 MiB: with it off (M_MMAP_MAX=0), two-process gloo runs aborted (SIGABRT)
+    when a thread arena could not grow."""
     if allocator_choice() == "system":
         return f"glibc malloc defaults ({ENV}=system)"
     try:
@@ -41,6 +45,6 @@ def keep_freed_memory() -> str:
     except (OSError, AttributeError):
         return "the system allocator (not glibc: left as it is)"
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    if mallopt(M_MMAP_MAX, 0) != 1 or mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) != 1:
+    if mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1 or mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) != 1:
         return "glibc malloc defaults (mallopt refused)"
-    return "glibc malloc keeps freed memory for reuse (no mmap, no trim)"
+    return "glibc malloc keeps freed memory for reuse (heap up to 32 MiB, no trim)"
