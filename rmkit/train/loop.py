@@ -99,9 +99,7 @@ class Trainer:
             rank, world, device = 0, 1, torch.device("cpu")
             torch.manual_seed(r.train.seed)
         self.rank, self.world, self.device = rank, world, device
-        # before the model and data: every allocation after this is reused. One CPU process only:
-        # in two-process gloo runs workers aborted (SIGABRT) now and then with it, cause not found
-        if device.type == "cpu" and world == 1:
+        if device.type == "cpu":  # before the model and data: every allocation after this is reused
             print0(f"allocator: {keep_freed_memory()}")
         model_path = Path(self.info["model_path"])
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=r.model.trust_remote_code)

@@ -36,6 +36,13 @@ def main(argv: list[str] | None = None) -> None:
 
             fail(e.render(), 2)
         sys.exit(2)
+    finally:
+        # gloo's threads must stop before the interpreter exits, or a rank can die with
+        # "terminate called without an active exception" (SIGABRT) after a finished run
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
