@@ -20,8 +20,12 @@ def print0(*args: object, **kwargs: object) -> None:
         console.print(*args, **kwargs)  # type: ignore[arg-type]
 
 
-def fail(message: str, code: int = 2) -> None:
+def print_error(message: str) -> None:
     from rich.text import Text
 
     err_console.print(Text("error: ", style="bold red") + Text(message), soft_wrap=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    print_error(message)
     sys.exit(code)
