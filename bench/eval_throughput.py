@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--docs", default=str(Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"),
                     help="append results here ('' = don't)")
     ap.add_argument("--note", default="", help="a line to write with the results")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="auto = what rmkit eval picks on this machine; rows are reported only where both sides agree to 1e-4, "
+                         "which in practice needs fp32")
     args = ap.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
@@ -171,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     pairs = sum(len(r.pairs()) for r in records)
     data_name = f"{Path(path).name}{':' + domain if domain else ''}"
     device, dtype = default_device()
+    if args.precision != "auto":
+        dtype = torch.float32 if args.precision == "fp32" else torch.bfloat16
     torch.manual_seed(0)
 
     scorer = load_scorer(inspect_checkpoint(folder, args.max_length), device, dtype)
