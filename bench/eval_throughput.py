@@ -190,9 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     records = load_source(path, domain=domain or None).records[: args.pairs]
     pairs = sum(len(r.pairs()) for r in records)
     data_name = f"{Path(path).name}{':' + domain if domain else ''}"
-    device, dtype = default_device()
     if args.precision != "auto":
-        dtype = torch.float32 if args.precision == "fp32" else torch.bfloat16
+        os.environ["RMKIT_PRECISION"] = args.precision  # the pin `rmkit eval` honours (rmkit.hardware)
+    device, dtype = default_device()
     torch.manual_seed(0)
 
     scorer = load_scorer(inspect_checkpoint(folder, args.max_length), device, dtype)
