@@ -14,8 +14,11 @@ the modes' order rotated each time; the table gives the median and the min-max s
 
   grft/rmkit      the real `Trainer.train_step` (RewardModel + losses + DeepSpeed ZeRO-0 engine,
                   world size 1, in-process): records sharing a prompt grouped (each distinct text
-                  once), prefix sharing chosen per micro-batch, eos pooling, --micro records per
-                  micro-batch with gradient accumulation
+                  once), the layout `choose_layout` picks (on a CPU: flat, one unpadded row with
+                  span attention), eos pooling, --micro records per micro-batch with gradient
+                  accumulation
+  grft/rmkit-packed  the same with the layout rule before the flat layout (packed rows with a 4-D
+                  mask or one row per response, whichever costs less): what span attention buys
   grft/trl        trl.RewardTrainer, gradient checkpointing off (its default, and the faster), all
                   --batch pairs in one micro-batch (its per_device_train_batch_size); grft/trl@N
                   at N pairs per micro-batch with gradient accumulation (less padding); rmkit's
@@ -64,10 +67,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 DATA = Path(os.environ.get("RMKIT_DATA", REPO.parent / "shared" / "data"))
-MODES = ("grft/rmkit", "grft/trl", "grft/trl-gc", "grft/original", "grft/padmax",
-         "crft/rmkit", "crft/original", "crft/padmax")
-BASELINE = {"grft/rmkit": "grft/trl", "grft/trl-gc": "grft/trl", "grft/original": "grft/trl",
-            "grft/padmax": "grft/trl", "crft/rmkit": "crft/original", "crft/padmax": "crft/original"}
+MODES = ("grft/rmkit", "grft/rmkit-packed", "grft/trl", "grft/trl-gc", "grft/original", "grft/padmax",
+         "crft/rmkit", "crft/rmkit-packed", "crft/original", "crft/padmax")
+BASELINE = {"grft/rmkit": "grft/trl", "grft/rmkit-packed": "grft/trl", "grft/trl-gc": "grft/trl",
+            "grft/original": "grft/trl", "grft/padmax": "grft/trl", "crft/rmkit": "crft/original",
+            "crft/rmkit-packed": "crft/original", "crft/padmax": "crft/original"}
+MICRO_MODES = ("rmkit", "rmkit-packed", "trl", "trl-gc")  # the modes that take MODE@N
 LR = 1e-5
 
 
@@ -212,12 +217,18 @@ def worker_rmkit(spec: dict[str, Any], imitation_weight: float) -> dict[str, Any
         if counted["on"]:
             rows, width = batch.input_ids.shape
             counted["positions"] += rows * width
-            counted["square"] += rows * width ** 2
+            if batch.spans is not None:  # query-key pairs of each span: its queries x (prefix + itself)
+                counted["square"] += sum((q1 - q0) * (q1 - q0 + p1 - p0) for q0, q1, p0, p1 in batch.spans.tolist())
+            else:
+                counted["square"] += rows * width ** 2
             counted["lm"] += batch.n_lm_targets
         return batch
 
     n = len(Path(spec["data"]).read_text().splitlines())
     loop.collate = counting_collate
+    if spec.get("packed_rule"):  # the layout rule without span attention
+        real_choose = loop.choose_layout
+        loop.choose_layout = lambda encs, sharing, spans, *a, **k: real_choose(encs, sharing, False, *a, **k)
     loop.step_records = lambda step, n_, batch, seed, groups=None: step_ids(step, batch, n)  # the shared order
     runner = loop.Trainer(plan.run_dir)  # DeepSpeed's engine in this process (a world of one)
     import torch
@@ -415,8 +426,8 @@ def split_mode(mode: str) -> tuple[str, int | None]:
 def run_worker(mode: str, spec: dict[str, Any]) -> dict[str, Any]:
     stage, impl = split_mode(mode)[0].split("/")
     weight = spec["imitation_weight"] if stage == "crft" else 0.0
-    if impl == "rmkit":
-        res = worker_rmkit(spec, weight)
+    if impl in ("rmkit", "rmkit-packed"):
+        res = worker_rmkit(dict(spec, packed_rule=impl == "rmkit-packed"), weight)
     elif impl.startswith("trl"):
         res = worker_trl(spec, checkpointing=impl == "trl-gc")
     else:
@@ -556,7 +567,7 @@ def main(argv: list[str] | None = None) -> None:
     console = Console(width=160)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m, (base, micro) in ((m, split_mode(m)) for m in modes)
-               if base not in MODES or (micro is not None and base.split("/")[1] not in ("rmkit", "trl", "trl-gc"))]
+               if base not in MODES or (micro is not None and base.split("/")[1] not in MICRO_MODES)]
     if unknown:
         raise SystemExit(f"unknown modes {unknown}; choose from {', '.join(MODES)} (rmkit and TRL modes also as "
                          f"MODE@N: micro-batch N records)")

@@ -8,7 +8,8 @@ checkpointed chunks, so full [tokens, vocab] logits never exist.
 Rows are either one per response or packed (`collate_packed`: each record one block
 [prompt][resp_1][resp_2]..., blocks bin-packed into rows): then a 4-D mask keeps responses and
 records apart, each prompt is computed once, and the rewards (one per response, same order)
-equal the unshared ones. docs/benchmarks.md draws it.
+equal the unshared ones. The flat layout puts every block in one unpadded row and keeps them
+apart with span attention (rmkit/attention.py) instead of a mask. docs/benchmarks.md draws them.
 
 A reward model saves as a Hugging Face `<Arch>ForSequenceClassification` folder that
 `AutoModelForSequenceClassification.from_pretrained` loads with the same rewards (pooling
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from rmkit.attention import SPAN_ATTENTION, Spans, enable_span_attention, no_mask
 from rmkit.errors import RmkitError
 from rmkit.io import atomic_file, atomic_write_json, atomic_write_text
 
@@ -110,6 +112,8 @@ class RewardModel(nn.Module):
         with torch.no_grad():
             g = torch.Generator().manual_seed(head_seed)
             self.score.weight.copy_(torch.randn((1, hidden), generator=g) / math.sqrt(hidden + 1))
+        # The flat layout's attention, where this decoder's attention can take it (else None).
+        self.span_attention_refusal: str | None = enable_span_attention(self.base_model)
         # Arch-specific logit transforms the causal LM's forward applies after lm_head.
         self._softcap = getattr(text, "final_logit_softcapping", None)
         self._logit_scale = getattr(text, "logit_scale", None)
@@ -174,6 +178,11 @@ class RewardModel(nn.Module):
         return model
 
     @property
+    def span_attention(self) -> bool:
+        """Whether this model runs the flat layout (`collate(layout="flat")`)."""
+        return self.span_attention_refusal is None
+
+    @property
     def tied(self) -> bool:
         """Whether the LM head shares its weight with the input embeddings."""
         return self.lm_head.weight is self.base_model.get_input_embeddings().weight
@@ -190,7 +199,8 @@ class RewardModel(nn.Module):
                 position_ids: torch.Tensor | None = None, lm_index: torch.Tensor | None = None,
                 lm_token: torch.Tensor | None = None, lm_weight: torch.Tensor | None = None,
                 lm_chunk_size: int = 1024, segment_ids: torch.Tensor | None = None,
-                response_end: torch.Tensor | None = None, record_index: torch.Tensor | None = None) -> RewardOutput:
+                response_end: torch.Tensor | None = None, record_index: torch.Tensor | None = None,
+                spans: torch.Tensor | None = None) -> RewardOutput:
         """Rewards for every response, plus the weighted imitation NLL when targets are given.
 
         Imitation targets (`Batch`): the hidden state at lm_index[k] = (row, position) must
@@ -198,10 +208,31 @@ class RewardModel(nn.Module):
         (rows from `collate_packed`: segment_ids, response_end and record_index given,
         position_ids required): prompts are shared, the attention mask is built from
         segment_ids, and rewards are read per response.
+        Flat layout (`spans` given as well: one unpadded row): attention runs span by span
+        (rmkit/attention.py) and no mask is built.
         Under ZeRO-3 every rank must call lm_head equally often: the training step pads each
         rank's targets to the same count (`rmkit.train.loop.pad_lm_targets`).
         """
-        if segment_ids is not None:
+        if spans is not None:
+            if segment_ids is None or position_ids is None or response_end is None or record_index is None:
+                raise ValueError("the flat layout needs segment_ids, position_ids, response_end and record_index")
+            if not self.span_attention:
+                raise RmkitError(f"this model cannot take the flat layout: {self.span_attention_refusal}",
+                                 hint="score it one row per response or packed (rmkit.data.collate.choose_layout)")
+            read = Spans.from_tensor(spans, input_ids.device)
+            dropped = RmkitError(f"{type(self.base_model).__name__} did not pass the attention spans to its attention",
+                                 hint="set data.prefix_sharing: false for this model")
+            try:
+                hidden = self.base_model(input_ids=input_ids, attention_mask=no_mask(input_ids.device),
+                                         position_ids=position_ids, use_cache=False, rmkit_spans=read)[0]
+            except RuntimeError as e:  # another attention met the empty placeholder mask
+                if read.calls == 0:
+                    raise dropped from e
+                raise
+            if read.calls == 0:  # its layers never passed the spans on: every token saw the whole row
+                raise dropped
+            pooled = self._pool_packed(hidden, segment_ids, response_end, record_index)
+        elif segment_ids is not None:
             if position_ids is None or response_end is None or record_index is None:
                 raise ValueError("the packed layout needs position_ids, response_end and record_index")
             mask = self._packed_mask(segment_ids, record_index)
@@ -250,7 +281,7 @@ class RewardModel(nn.Module):
         allowed = causal[None] & (key != -1) & ((key == query) | (key == own))
         allowed = allowed | torch.eye(n, dtype=torch.bool, device=seg.device)[None]
         impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
-        if impl == "sdpa":
+        if impl in ("sdpa", SPAN_ATTENTION):  # span attention is sdpa when no spans are given
             return allowed[:, None]
         if impl == "eager":
             dtype = self.score.weight.dtype

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from rmkit.data.collate import DEFAULT_ATTENTION_SCALE, EncodedRecord, collate, group_shared, packed_length, packing_pays
+from rmkit.data.collate import DEFAULT_ATTENTION_SCALE, EncodedRecord, choose_layout, collate, group_shared, packed_length
 from rmkit.data.records import preferred_index, strict_pairs, tied_pairs
 from rmkit.loss import pair_correct
 
@@ -104,9 +104,10 @@ def score_shard(model: torch.nn.Module, encoded: list[EncodedRecord], batch_size
     batch holds `batch_size` such prompt units. Every rank makes the same number of forward
     calls (short ranks repeat a batch and drop its output). Rewards stay on the device until
     one transfer at the end; `progress(n)` is told after each batch of n records. With
-    `prefix_sharing` a batch that costs less packed ([prompt][resp_1]..., one block per
-    prompt) is scored that way; rewards are the same either way. Batches are grouped by the
-    length of the row that costs: the packed block, or the longest response row."""
+    `prefix_sharing` each batch takes the layout `choose_layout` picks (on a CPU: flat, one
+    unpadded row; else packed [prompt][resp_1]... blocks when that costs less); rewards are the
+    same in every layout. Batches are grouped by the length of the row that costs: the packed
+    block, or the longest response row."""
     units = prompt_units(encoded)
 
     def length(unit: list[int]) -> int:
@@ -115,7 +116,9 @@ def score_shard(model: torch.nn.Module, encoded: list[EncodedRecord], batch_size
             return sum(packed_length(g) for g in groups)
         return max(encoded[i].max_length() for i in unit)
 
-    scale = float(getattr(getattr(model, "module", model), "attention_scale", DEFAULT_ATTENTION_SCALE))
+    inner = getattr(model, "module", model)  # a DeepSpeed engine's module
+    scale = float(getattr(inner, "attention_scale", DEFAULT_ATTENTION_SCALE))
+    spans = bool(getattr(inner, "span_attention", False))
     cost = [length(u) for u in units]
     order = sorted(range(len(units)), key=lambda u: (-cost[u], u))
     batches = [[i for u in order[k:k + batch_size] for i in units[u]] for k in range(0, len(order), batch_size)]
@@ -126,7 +129,7 @@ def score_shard(model: torch.nn.Module, encoded: list[EncodedRecord], batch_size
         ids = mine[c] if c < len(mine) else batches[0]
         encs = [encoded[i] for i in ids]
         batch = collate(encs, pad_id=pad_id, padding_side=padding_side,
-                        pack=prefix_sharing and packing_pays(encs, scale))
+                        layout=choose_layout(encs, prefix_sharing, spans, device.type, scale))
         res = model(**batch.model_inputs(device))
         if c >= len(mine):
             continue

@@ -161,5 +161,5 @@ def test_packed_length_of_a_record_and_of_a_group() -> None:
     assert packed_length(EncodedRecord([5], [[7], [7]], (1.0, 1.0))) == 3  # listed twice, counted twice
     (group,), _ = group_shared([a, b])
     assert packed_length(group) == 2 + 1 + 2 + 1  # [5, 6][7][8, 9][3]: response [7] once
-    packed = collate([a, b], pad_id=0, pack=True)
+    packed = collate([a, b], pad_id=0, layout="packed")
     assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 3]] and packed.input_ids.shape[1] == packed_length(group)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from rmkit.data.collate import EncodedRecord, collate, encode_record, group_shared, imitation_rows
+from rmkit.data.collate import LAYOUTS, EncodedRecord, collate, encode_record, group_shared, imitation_rows
 from rmkit.data.records import Record
 from rmkit.loss import ranking_loss
 from rmkit.model import RewardModel
@@ -50,9 +50,9 @@ def test_group_shared_exact() -> None:
 def test_imitation_weights_hand_computed() -> None:
     """token: every target token weighs 1/3; sequence: each target's mean, then the mean."""
     encs = [EncodedRecord([5], [[3, 4], [9]], (1.0, 0.0)), EncodedRecord([6, 7], [[8], [9]], (1.0, 0.0))]
-    for pack in (False, True):
-        tok = collate(encs, 0, lm_target="response", pack=pack, reduction="token")
-        seq = collate(encs, 0, lm_target="response", pack=pack, reduction="sequence")
+    for layout in LAYOUTS:
+        tok = collate(encs, 0, lm_target="response", layout=layout, reduction="token")
+        seq = collate(encs, 0, lm_target="response", layout=layout, reduction="sequence")
         assert tok.lm_token.tolist() == seq.lm_token.tolist()
         by_token = dict(zip(tok.lm_token.tolist(), tok.lm_weight.tolist()))
         assert by_token == pytest.approx({3: 1 / 3, 4: 1 / 3, 8: 1 / 3})
@@ -92,15 +92,15 @@ def pair_layout_loss(model, encs, pad_id, reduction):
 
 
 @pytest.mark.parametrize("reduction", ["token", "sequence"])
-@pytest.mark.parametrize("pack", [False, True])
-def test_grouped_batch_equals_pair_layout(tiny_model_dir, tiny_tokenizer, reduction, pack) -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_grouped_batch_equals_pair_layout(tiny_model_dir, tiny_tokenizer, reduction, layout) -> None:
     encs = encode(dsp_like(), tiny_tokenizer)
     pad = tiny_tokenizer.pad_token_id
     grads, losses = [], []
     for grouped in (True, False):
         rm = RewardModel.from_pretrained(tiny_model_dir)
         if grouped:
-            b = collate(encs, pad, "right", "whole", pack=pack, reduction=reduction)
+            b = collate(encs, pad, "right", "whole", layout=layout, reduction=reduction)
             assert b.n_responses == 7  # the query's 5 distinct texts (its last pair reuses two), HH's 2
             out = rm(**b.model_inputs(with_lm=True))
             rank_l, im_l = ranking_loss(out.rewards, b.better, b.worse), out.lm_loss
@@ -145,8 +145,8 @@ def test_sequence_reduction_is_the_papers_formula(tiny_model_dir, tiny_tokenizer
     expected = (torch.stack(per_row) * mask).sum() / mask.sum()
     assert mask.tolist() == [1.0, 1.0, 0.0, 1.0, 0.0]
     rm = RewardModel.from_pretrained(tiny_model_dir)
-    for pack in (False, True):
-        b = collate(encs, tiny_tokenizer.pad_token_id, "right", "whole", pack=pack, reduction="sequence")
+    for layout in LAYOUTS:
+        b = collate(encs, tiny_tokenizer.pad_token_id, "right", "whole", layout=layout, reduction="sequence")
         out = rm(**b.model_inputs(with_lm=True))
         assert_close(out.lm_loss, expected, atol=1e-5, rtol=1e-5)
     token = collate(encs, tiny_tokenizer.pad_token_id, "right", "whole", reduction="token")

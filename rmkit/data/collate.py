@@ -24,6 +24,10 @@ PADDING_SIDES = ("left", "right")
 LM_TARGETS = ("none", "response", "whole")
 ROW_MODES = ("all", "preferred")
 IMITATION_REDUCTIONS = ("token", "sequence")
+# "rows": one row per distinct response; "packed": each group one block, blocks bin-packed into
+# rows, a 4-D mask keeps them apart; "flat": every block end to end in one row, attention per
+# span (rmkit/attention.py). docs/benchmarks.md draws them.
+LAYOUTS = ("rows", "packed", "flat")
 PAPER_TARGET_RATIO = 0.85  # Linear95/DSP arguments.py lm_score_thresh
 # Per-token matmul FLOPs / per-token-pair attention FLOPs assumed when a model does not say
 # (`RewardModel.attention_scale`): a few thousand for 100M+ models (see `packing_pays`).
@@ -70,7 +74,8 @@ class Batch:
 
     Row layout (one row per distinct response): input_ids, attention_mask, position_ids [R, L].
     Packed layout (`collate_packed`): rows hold whole groups [prompt][resp_1][resp_2]...;
-    segment_ids and response_end say where each response is.
+    segment_ids and response_end say where each response is. Flat layout: the packed layout in
+    one row with no padding, plus the attention spans.
     record_index [R]: the group of each reward; better, worse [P]: reward indices, better[k]
     beats worse[k]; reward_of [sum of the records' responses]: for each input record's
     responses in order, its index in the reward vector (so per-record rewards are
@@ -91,9 +96,11 @@ class Batch:
     lm_weight: torch.Tensor
     n_tokens: int  # attended tokens
     n_truncated: int  # records in this batch that lost tokens to max_length
-    # Packed layout only (see `collate(pack=True)`); None in the one-row-per-response layout.
+    # Packed and flat layouts only (`collate(layout=...)`); None in the one-row-per-response layout.
     segment_ids: torch.Tensor | None = None  # [B, L] long: r response r, -2 - g group g's prompt, -1 pad
     response_end: torch.Tensor | None = None  # [R, 2] long: (row, position read for response r)
+    # Flat layout only: [S, 4] long, (q0, q1, p0, p1) per attention span (rmkit.attention.Spans).
+    spans: torch.Tensor | None = None
 
     @property
     def n_rows(self) -> int:
@@ -103,6 +110,11 @@ class Batch:
     def packed(self) -> bool:
         """Whether rows hold whole groups ([prompt][resp_1][resp_2]...), each sharing its prompt."""
         return self.segment_ids is not None
+
+    @property
+    def layout(self) -> str:
+        """One of LAYOUTS."""
+        return "flat" if self.spans is not None else "packed" if self.packed else "rows"
 
     @property
     def n_responses(self) -> int:
@@ -128,12 +140,15 @@ class Batch:
         names = ["input_ids", "attention_mask", "position_ids", "segment_ids", "response_end"]
         if self.packed:
             names.append("record_index")
+        if self.spans is not None:
+            names.append("spans")
         if with_lm:
             names += ["lm_index", "lm_token", "lm_weight"]
         out: dict[str, torch.Tensor | None] = {}
         for n in names:
             t = getattr(self, n)
-            out[n] = t.to(device, non_blocking=True) if (t is not None and device is not None) else t
+            keep = n == "spans" or device is None  # spans are read as Python ints: they stay on the CPU
+            out[n] = t if (t is None or keep) else t.to(device, non_blocking=True)
         return out
 
     def to(self, device: Any) -> "Batch":
@@ -303,7 +318,7 @@ class _Targets:
 
 
 def collate(encoded: Sequence[EncodedRecord], pad_id: int, padding_side: str = "right",
-            lm_target: str = "none", rows: str = "all", pack: bool = False,
+            lm_target: str = "none", rows: str = "all", layout: str = "rows",
             reduction: str = "token") -> Batch:
     """Pad the distinct responses of several records into one batch; L = the longest row.
 
@@ -330,13 +345,15 @@ def collate(encoded: Sequence[EncodedRecord], pad_id: int, padding_side: str = "
     With padding_side="left" row 0 becomes input_ids [0, 5, 6, 7], mask [0, 1, 1, 1],
     positions [0, 0, 1, 2] (and its target is predicted from position 2).
 
-    pack=True (rows="all" only) gives the prefix-sharing layout of `collate_packed`.
+    layout="packed" or "flat" (rows="all" only) gives the prefix-sharing layouts of `collate_packed`.
     """
     _check(padding_side, lm_target)
     if rows not in ROW_MODES:
         raise ValueError(f"rows must be one of {ROW_MODES}, got {rows!r}")
-    if pack and rows == "all":
-        return collate_packed(encoded, pad_id, padding_side, lm_target, reduction)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout != "rows" and rows == "all":
+        return collate_packed(encoded, pad_id, padding_side, lm_target, reduction, flat=layout == "flat")
     groups, reward_of = group_shared(encoded, reduction)
 
     seqs: list[list[int]] = []
@@ -419,7 +436,7 @@ def bin_pack(lengths: Sequence[int], width: int) -> list[list[int]]:
 
 
 def collate_packed(encoded: Sequence[EncodedRecord], pad_id: int, padding_side: str = "right",
-                   lm_target: str = "none", reduction: str = "token") -> Batch:
+                   lm_target: str = "none", reduction: str = "token", flat: bool = False) -> Batch:
     """Each group (records sharing a prompt, `group_shared`) as one block
     [prompt][resp_1][resp_2]..., blocks packed into rows no longer than the longest block
     (first-fit decreasing).
@@ -435,6 +452,13 @@ def collate_packed(encoded: Sequence[EncodedRecord], pad_id: int, padding_side: 
     segment_ids: r (>= 0) on response r's tokens, -2 - g on group g's prompt, -1 on padding.
     response_end[r] = (row, position) of response r's last token (of its prompt's last token,
     for an empty response).
+
+    flat=True: every block end to end in one row, in group order, no padding (padding_side has
+    nothing to do), and `spans` for span attention (rmkit/attention.py): per group, its prompt and
+    first response as one causal span (q0, q1, q0, q0), then each further non-empty response as
+    (start, end, prompt start, prompt end). The records above give one row
+    [5, 6, 7, 8, 9, 5, 3, 4, 4, 2] with spans [[0, 3, 0, 0], [3, 5, 0, 2], [5, 7, 5, 5],
+    [7, 9, 5, 6], [9, 10, 5, 6]].
 
     Example (pad_id=0, padding_side="right", lm_target="response"), the records of `collate`
     (blocks of 5 tokens each: one per row):
@@ -471,8 +495,8 @@ def collate_packed(encoded: Sequence[EncodedRecord], pad_id: int, padding_side: 
         blocks.append((seq, seg, pos))
 
     lengths = [len(b[0]) for b in blocks]
-    width = max(lengths, default=0)
-    rows = bin_pack(lengths, width)
+    width = sum(lengths) if flat else max(lengths, default=0)
+    rows = [list(range(len(blocks)))] if flat else bin_pack(lengths, width)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     segment_ids = torch.full((len(rows), width), -1, dtype=torch.long)
@@ -501,6 +525,21 @@ def collate_packed(encoded: Sequence[EncodedRecord], pad_id: int, padding_side: 
     response_end = torch.tensor([(where[g][0], where[g][1] + off) for g, off in ends],
                                 dtype=torch.long).reshape(-1, 2)
     attention_mask = (segment_ids != -1).long()
+    spans = None
+    if flat:
+        items: list[tuple[int, int, int, int]] = []
+        for g, grp in enumerate(groups):
+            a, p = where[g][1], len(grp.prompt_ids)
+            for j, resp in enumerate(grp.responses):
+                q0, q1 = a + starts[g][j], a + starts[g][j] + len(resp)
+                if j == 0:
+                    if q1 > a:  # the prompt, then its first response
+                        items.append((a, q1, a, a))
+                elif resp:
+                    items.append((q0, q1, a, a + p))
+            if not grp.responses and p:
+                items.append((a, a + p, a, a))
+        spans = torch.tensor(items, dtype=torch.long).reshape(-1, 4)
     return Batch(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -514,7 +553,27 @@ def collate_packed(encoded: Sequence[EncodedRecord], pad_id: int, padding_side: 
         n_truncated=sum(grp.truncated for grp in groups),
         segment_ids=segment_ids,
         response_end=response_end,
+        spans=spans,
     )
+
+
+def choose_layout(encoded: Sequence[EncodedRecord], prefix_sharing: bool, span_attention: bool,
+                  device_type: str, attention_scale: float = DEFAULT_ATTENTION_SCALE) -> str:
+    """The layout of one batch, the same rule for training, eval, scoring and serving.
+
+    Without prefix sharing: "rows". On a CPU whose model runs span attention: "flat", which
+    computes exactly the distinct tokens (no padding, no repeated prompt) and only the query-key
+    pairs inside each span, so it costs no more than either other layout for any batch. Elsewhere
+    (GPU, or a model whose attention cannot take spans): "packed" or "rows", whichever
+    `packing_pays` says costs less. The flat layout runs one attention call per response and
+    layer; on a GPU those are small kernel launches, where the packed layout's one masked call
+    per layer is the measured path, so the flat layout stays a CPU layout until measured there.
+    """
+    if not prefix_sharing or not encoded:
+        return "rows"
+    if span_attention and device_type == "cpu":
+        return "flat"
+    return "packed" if packing_pays(encoded, attention_scale) else "rows"
 
 
 def packing_pays(encoded: Sequence[EncodedRecord], attention_scale: float = DEFAULT_ATTENTION_SCALE) -> bool:

@@ -17,7 +17,7 @@ import yaml
 from rmkit import __version__, checkpoint
 from rmkit.allocator import keep_freed_memory
 from rmkit.console import print0
-from rmkit.data.collate import Batch, EncodedRecord, collate, encode_record, packed_length, packing_pays
+from rmkit.data.collate import Batch, EncodedRecord, choose_layout, collate, encode_record, packed_length
 from rmkit.data.records import read_records
 from rmkit.errors import RmkitError
 from rmkit.io import atomic_write_json
@@ -201,9 +201,10 @@ class Trainer:
 
     def _collate(self, encs: list[EncodedRecord]) -> Batch:
         r = self.recipe
-        pack = r.data.prefix_sharing and not self.blt and packing_pays(encs, self.attention_scale)
+        layout = choose_layout(encs, r.data.prefix_sharing and not self.blt, self.model.span_attention,
+                               self.device.type, self.attention_scale)
         batch = collate(encs, pad_id=self.tokenizer.pad_token_id, padding_side=r.data.padding_side,
-                        lm_target=self.lm_target, rows="preferred" if self.blt else "all", pack=pack,
+                        lm_target=self.lm_target, rows="preferred" if self.blt else "all", layout=layout,
                         reduction="token" if self.blt else r.loss.imitation_reduction)
         if self.lm_target != "none" and self.world > 1:
             most = self.engine.all_reduce(torch.tensor([batch.n_lm_targets], dtype=torch.long), op="max")
