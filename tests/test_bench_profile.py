@@ -47,3 +47,24 @@ def test_a_real_profile_counts_the_matmuls_it_ran() -> None:
     assert counts["aten::mm"] == 3 and counts["aten::clamp"] == 3
     assert all(sec > 0 for _, _, sec in out) and [o[2] for o in out] == sorted((o[2] for o in out), reverse=True)
     assert tp.start_profile({"profile": False}) is None and tp.stop_profile(None) == {}
+
+
+def test_packed_rule_modes_run_at_their_own_micro_batch() -> None:
+    """rmkit-packed: rmkit with the layout rule before span attention, side by side with rmkit."""
+    assert tp.split_mode("crft/rmkit-packed@4") == ("crft/rmkit-packed", 4)
+    assert "grft/rmkit-packed" in tp.MODES and tp.BASELINE["crft/rmkit-packed"] == "crft/original"
+    assert "rmkit-packed" in tp.MICRO_MODES
+
+
+def test_eval_bench_accuracy_carries_its_prompt_bootstrap_interval() -> None:
+    from rmkit.data.records import Record
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "eval_throughput.py"
+    spec = importlib.util.spec_from_file_location("bench_eval_throughput", path)
+    ev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ev)
+    a = Record("a", ("x", "y"), (1.0, 0.0))
+    b = Record("b", ("x", "y", "z"), (2.0, 1.0, 0.0))  # 3 pairs of one prompt: resampled together
+    assert ev.accuracy_cell([a, b], [[1.0, 0.0], [3.0, 2.0, 1.0]]) == "1.000 [1.000, 1.000]"
+    # a's pair right, b's three wrong: 1 of 4; resamples draw {a, a}, {a, b} or {b, b}: 1, 1/4, 0
+    assert ev.accuracy_cell([a, b], [[1.0, 0.0], [1.0, 2.0, 3.0]]) == "0.250 [0.000, 1.000]"
