@@ -201,7 +201,8 @@ def worker_rmkit(spec: dict[str, Any], imitation_weight: float) -> dict[str, Any
         "loss": {"imitation_weight": imitation_weight, "imitation_target": "whole",
                  "imitation_reduction": "sequence"},
         "train": {"lr": LR, "schedule": "constant", "global_batch": spec["batch"], "micro_batch": spec["micro"],
-                  "max_steps": spec["warmup"] + spec["steps"], "seed": 0, "output_dir": spec["tmp"] + "/run"},
+                  "max_steps": spec["warmup"] + spec["steps"], "seed": 0, "output_dir": spec["tmp"] + "/run",
+                  "gradient_checkpointing": spec.get("checkpoint_every") or False},
         "launch": {"deepspeed": "zero0", "gpus": 1, "precision": spec["precision"]},
     })
     plan = plan_run(recipe)
@@ -535,6 +536,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="every mode's precision (auto: what rmkit picks on this machine)")
     p.add_argument("--no-prefix-sharing", action="store_true", help="rmkit modes without prefix sharing")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="rmkit modes recompute every N-th decoder layer in backward (train.gradient_checkpointing: N; "
+                        "0 = off, the default): memory for compute")
     p.add_argument("--compile", action="store_true",
                    help="rmkit modes with torch.compile(dynamic=True) on the decoder (an experiment; rmkit does not compile)")
     p.add_argument("--profile", action="store_true",
@@ -612,6 +616,7 @@ def main(argv: list[str] | None = None) -> None:
                         "batch": args.batch, "micro": micro_of(mode), "warmup": args.warmup, "steps": steps,
                         "threads": args.threads, "imitation_weight": args.imitation_weight,
                         "prefix_sharing": not args.no_prefix_sharing, "compile": args.compile, "profile": args.profile,
+                        "checkpoint_every": args.checkpoint_every,
                         "precision": precision, "tmp": tempfile.mkdtemp(dir=tmp),
                         "result": str(Path(tmp) / f"{mode.replace('/', '-')}-{rep}.json")}
                 spec_path = Path(spec["tmp"]) / "spec.json"
@@ -688,7 +693,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.max_length}; batch {args.batch} pairs (rmkit micro-batch "
             f"GRFT {default_micro['grft']}, CRFT {default_micro['crft']} records unless a mode says @N), {args.warmup} "
             f"warmup + {steps} timed steps, {args.reps} repetitions (median [min, max]); imitation weight "
-            f"{args.imitation_weight} (CRFT)",
+            f"{args.imitation_weight} (CRFT)" + (f"; rmkit recomputes every {args.checkpoint_every}-th decoder layer in backward"
+                                                 if args.checkpoint_every else ""),
             f"- precision {precision}: {why}",
             f"- hardware: {hardware()}; matmul rate fp32 {rate['fp32'] / 1e9:.1f} GFLOP/s, bf16 "
             f"{rate['bf16'] / 1e9:.1f} GFLOP/s; 1-minute load average at start {load:.1f}",

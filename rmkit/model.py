@@ -187,12 +187,20 @@ class RewardModel(nn.Module):
         """Whether the LM head shares its weight with the input embeddings."""
         return self.lm_head.weight is self.base_model.get_input_embeddings().weight
 
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        """Recompute decoder activations in backward (memory for compute). transformers 5.x
-        renamed the method (the old name warns); use whichever this version has."""
-        enable = getattr(self.base_model, "activation_checkpointing_enable", None) \
-            or self.base_model.gradient_checkpointing_enable
-        enable(**kwargs)
+    def gradient_checkpointing_enable(self, every_n_layers: int = 1) -> None:
+        """Recompute decoder activations in backward (memory for compute), in every
+        `every_n_layers`-th layer. transformers 5.x renamed the method (the old name warns) and
+        added every_n_layers; use whichever this version has, and say when it cannot skip layers."""
+        enable = getattr(self.base_model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(every_n_layers=every_n_layers)
+        elif every_n_layers == 1:
+            self.base_model.gradient_checkpointing_enable()
+        else:
+            raise RmkitError(f"checkpointing every {every_n_layers}-th layer needs a transformers version with "
+                             "activation_checkpointing_enable(every_n_layers=...)",
+                             where="train.gradient_checkpointing",
+                             hint="upgrade transformers, or set train.gradient_checkpointing: true (every layer)")
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

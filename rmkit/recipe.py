@@ -125,8 +125,22 @@ class TrainSpec(_Strict):
     keep_last: int = Field(2, gt=0)
     log_every: int = Field(1, gt=0)
     on_nonfinite: Literal["stop", "skip"] = "stop"
-    gradient_checkpointing: bool = False  # recompute decoder activations in backward: memory for ~1/3 more compute
+    # Recompute decoder activations in backward: true = every layer (memory for ~1/3 more compute);
+    # N = every N-th layer (layers 0, N, 2N, ...), about 1/N of both the memory saved and the cost.
+    gradient_checkpointing: Union[bool, int] = False
     output_dir: str = "runs/run"
+
+    @field_validator("gradient_checkpointing")
+    @classmethod
+    def _checkpoint_every(cls, v: Union[bool, int]) -> Union[bool, int]:
+        if not isinstance(v, bool) and v < 1:
+            raise ValueError("takes true, false, or N >= 1 to recompute every N-th decoder layer")
+        return v
+
+    def checkpoint_every(self) -> int:
+        """Every how many decoder layers activations are recomputed; 0 = none."""
+        g = self.gradient_checkpointing
+        return (1 if g else 0) if isinstance(g, bool) else int(g)
 
 
 class LaunchSpec(_Strict):

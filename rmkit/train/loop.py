@@ -74,8 +74,9 @@ def build_model(recipe: Recipe, model_path: Path) -> RewardModel:
             raise RmkitError("model.lora applies to grft/crft; blt trains the whole LM",
                              where="model.lora", hint="remove model.lora from the blt recipe")
         apply_lora(model, recipe.model.lora, seed=recipe.train.seed)
-    if recipe.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable()  # non-reentrant (transformers' default)
+    every = recipe.train.checkpoint_every()
+    if every:
+        model.gradient_checkpointing_enable(every_n_layers=every)  # non-reentrant (transformers' default)
     return model
 
 
