@@ -93,10 +93,10 @@ class _HFReward:
 
 def default_batch_size(device: "torch.device") -> int:
     """Records per forward when --batch-size is not given: 16 on a GPU, where one text leaves the
-    device idle; 1 on a CPU, where one text already keeps the cores multiplying, time follows the
-    token positions computed, and every padded position is a wasted one (bench/eval_throughput.py
-    on 64 HH pairs, 2 cores: with the shared prefix, batches of 16 compute 0.99x the per-text
-    loop's positions, batches of 1 0.84x; docs/benchmarks.md)."""
+    device idle; 1 on a CPU, where one text already keeps the cores multiplying and time follows
+    the token positions computed. The flat layout computes no padding at any batch size, and
+    batches of 4 or 16 prompt units ran inside batch 1's spread (bench/eval_throughput.py, 64 DSP
+    business pairs, 2-core EPYC, 2026-12-06; docs/benchmarks.md), so 1 keeps memory smallest."""
     return DEFAULT_BATCH_SIZE if device.type == "cuda" else 1
 
 
