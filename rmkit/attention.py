@@ -12,7 +12,8 @@ only part of the decoder that mixes tokens; here it runs per span instead of ove
 So each response sees what its own unshared row holds (its prompt, then itself) at the positions
 that row would give it (`position_ids`), and nothing of other responses or records; no query-key
 pair outside a span is computed (a masked [L, L] row computes them all). Each span goes through
-transformers' own `sdpa_attention_forward` (GQA, scaling, kernel choice as for "sdpa").
+torch's `scaled_dot_product_attention` with `enable_gqa` (a GQA model's keys and values are
+not copied to every query head, as transformers' sdpa does when a mask is given).
 
 transformers 5.x routes attention through `AttentionInterface`: `enable_span_attention` registers
 "rmkit_spans" there (and sdpa's mask builder under the same name), and switches a model to it when
@@ -68,8 +69,8 @@ def span_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     if rmkit_spans is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if query.shape[0] != 1 or kwargs.get("sliding_window"):
-        raise ValueError("span attention takes one row and no sliding window")
+    if query.shape[0] != 1 or kwargs.get("sliding_window") or kwargs.get("softcap") is not None:
+        raise ValueError("span attention takes one row, no sliding window and no softcap")
     rmkit_spans.calls += 1
     outs = []
     for (q0, q1, p0, p1), mask in zip(rmkit_spans.items, rmkit_spans.masks):
@@ -78,10 +79,13 @@ def span_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
         else:
             k = torch.cat([key[:, :, p0:p1], key[:, :, q0:q1]], dim=2)
             v = torch.cat([value[:, :, p0:p1], value[:, :, q0:q1]], dim=2)
-        out, _ = sdpa_attention_forward(module, query[:, :, q0:q1], k, v, mask, dropout=dropout, scaling=scaling,
-                                        is_causal=mask is None, **kwargs)
+        # torch's SDPA directly: transformers repeats a GQA model's keys and values to every query
+        # head whenever a mask is given, and autograd would keep those copies for backward
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, q0:q1], k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=mask is None,
+            enable_gqa=query.shape[1] != key.shape[1])
         outs.append(out)
-    return torch.cat(outs, dim=1), None
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
 def no_mask(device: torch.device) -> torch.Tensor:

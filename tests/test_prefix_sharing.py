@@ -394,15 +394,21 @@ def test_choose_layout_rule() -> None:
 
 def test_span_attention_calls_and_isolation(model, tiny_tokenizer, monkeypatch) -> None:
     """One SDPA call per span and layer, each on its span's queries and keys only (no [L, L]
-    mask anywhere); editing a response changes its own reward only, editing a prompt its record's."""
+    mask anywhere), with the model's key-value heads as they are (GQA in the kernel, no copies per
+    query head); editing a response changes its own reward only, editing a prompt its record's."""
     enc = encoded(tiny_tokenizer) + [EncodedRecord([2, 40], [[41], [42, 43]], (1.0, 0.0))]
     b = collate(enc, tiny_tokenizer.pad_token_id, layout="flat")
     spans = b.spans.tolist()
     assert len(spans) == 2 + 3 + 5 + 2 - (1 if not enc[1].response_ids[2] else 0)
     seen: list[tuple[tuple[int, ...], tuple[int, ...], torch.Tensor | None, bool]] = []
     real = F.scaled_dot_product_attention
+    config = model.base_model.config
+    assert config.num_key_value_heads < config.num_attention_heads  # the tiny model is GQA
 
     def spy(q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        assert (q.shape[1], k.shape[1], v.shape[1]) == (config.num_attention_heads, config.num_key_value_heads,
+                                                         config.num_key_value_heads)
+        assert kwargs["enable_gqa"] is True
         seen.append((tuple(q.shape), tuple(k.shape), attn_mask, is_causal))
         return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
 
