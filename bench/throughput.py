@@ -44,13 +44,20 @@ Results print as a table and are appended to docs/benchmarks.md. --profile runs 
 around every mode's timed steps and prints where the time goes (self CPU time of each operator,
 grouped: matmuls, the attention kernel, copies and casts, the optimizer, the rest), which is what
 bounds MFU; its overhead is in that run's timings, so compare profiled runs with each other only.
+--memory splits each mode's peak RSS: the training state (weights, gradients, AdamW's moments: 16
+bytes per parameter in fp32), the activations of its largest micro-batch (what autograd saved for
+backward, counted by a saved-tensors hook, and the positions it held), and the rest (libraries,
+blocks the allocator keeps, transients). The hook runs on every saved tensor: report timings from
+runs without it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
+import math
 import os
 import platform
 import resource
@@ -61,7 +68,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -176,6 +183,76 @@ def stop_profile(prof: Any) -> dict[str, Any]:
     prof.stop()
     ops = [(e.key, e.count, e.self_cpu_time_total / 1e6) for e in prof.key_averages()]
     return {"profile": sorted((o for o in ops if o[2] > 0), key=lambda o: -o[2])}
+
+class SavedTally:
+    """What autograd keeps for backward in each micro-batch (a mode's activation memory):
+    the bytes of every distinct storage the pack hook sees, parameters (leaves that require grad)
+    excluded, and the positions its embedding lookups read; `close()` at each backward records
+    the micro-batch and starts the next. Installed around a whole run by `track_saved`; with
+    gradient checkpointing on, the checkpointed layers' own hooks hide what they save."""
+
+    def __init__(self) -> None:
+        self.storages: dict[int, int] = {}
+        self.positions = 0
+        self.micro_batches: list[tuple[int, int]] = []  # (bytes saved, positions)
+
+    def pack(self, t: Any) -> Any:
+        if not (t.is_leaf and t.requires_grad):
+            st = t.untyped_storage()
+            self.storages.setdefault(st.data_ptr(), st.nbytes())
+        return t
+
+    def close(self) -> None:
+        if self.storages or self.positions:
+            self.micro_batches.append((sum(self.storages.values()), self.positions))
+        self.storages, self.positions = {}, 0
+
+    def largest(self) -> dict[str, float]:
+        """The micro-batch that saved the most: its MB and positions (0s when none ran)."""
+        saved, positions = max(self.micro_batches, default=(0, 0))
+        return {"saved_mb": saved / 2**20, "saved_positions": positions}
+
+
+@contextlib.contextmanager
+def track_saved(tally: SavedTally) -> Iterator[SavedTally]:
+    """Inside: every forward's saved tensors go through `tally`; each `Tensor.backward` (rmkit's
+    engine, TRL's accelerator and the original code all end there) closes a micro-batch; each
+    `F.embedding` under grad adds its positions. Everything is put back on exit."""
+    import torch
+    import torch.nn.functional as F
+
+    real_backward, real_embedding = torch.Tensor.backward, F.embedding
+
+    def backward(self: Any, *a: Any, **k: Any) -> Any:
+        tally.close()
+        return real_backward(self, *a, **k)
+
+    def embedding(input: Any, *a: Any, **k: Any) -> Any:
+        if torch.is_grad_enabled():
+            tally.positions += input.numel()
+        return real_embedding(input, *a, **k)
+
+    torch.Tensor.backward, F.embedding = backward, embedding  # type: ignore[method-assign]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(tally.pack, lambda t: t):
+            yield tally
+    finally:
+        torch.Tensor.backward, F.embedding = real_backward, real_embedding  # type: ignore[method-assign]
+
+
+def state_mb(model_dir: Path) -> float:
+    """MB of weights, gradients and AdamW's two moments in fp32 (16 bytes per parameter, every
+    tensor of the model's safetensors trained): what every mode holds before any activation."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                shape = st.get_slice(key).get_shape()
+                n += math.prod(shape)
+    return 16 * n / 2**20
+
 
 def autocast(precision: str) -> Any:
     import contextlib
@@ -414,6 +491,26 @@ def profile_rows(runs: dict[str, list[dict[str, Any]]], steps: int,
     return rows
 
 
+MEMORY_COLUMNS = ("mode", "peak RSS MB", "weights, grads, AdamW MB", "activations MB", "positions",
+                  "KB per position", "the rest MB")
+
+
+def memory_rows(runs: dict[str, list[dict[str, Any]]], state: float) -> list[list[str]]:
+    """A row per mode with a saved-tensor tally: its peak RSS split into the training state
+    (`state` MB, the same in every mode), the largest micro-batch's activations, and the rest
+    (libraries, the allocator's kept blocks, transients such as gradients being summed)."""
+    rows = []
+    for mode, rs in runs.items():
+        run = next((r for r in rs if "saved_mb" in r), None)
+        if run is None:
+            continue
+        saved, positions, peak = run["saved_mb"], run["saved_positions"], run["peak_rss_mb"]
+        per = f"{saved * 1024 / positions:.0f}" if positions else ""
+        rows.append([mode, f"{peak:.0f}", f"{state:.0f}", f"{saved:.0f}", f"{positions}", per,
+                     f"{peak - state - saved:.0f}"])
+    return rows
+
+
 def split_mode(mode: str) -> tuple[str, int | None]:
     """'crft/rmkit@1' -> ('crft/rmkit', 1): an rmkit or TRL mode at its own micro-batch (records per
     micro-batch), so one run can set micro-batch sizes side by side; no '@': (mode, None); a
@@ -427,13 +524,17 @@ def split_mode(mode: str) -> tuple[str, int | None]:
 def run_worker(mode: str, spec: dict[str, Any]) -> dict[str, Any]:
     stage, impl = split_mode(mode)[0].split("/")
     weight = spec["imitation_weight"] if stage == "crft" else 0.0
-    if impl in ("rmkit", "rmkit-packed"):
-        res = worker_rmkit(dict(spec, packed_rule=impl == "rmkit-packed"), weight)
-    elif impl.startswith("trl"):
-        res = worker_trl(spec, checkpointing=impl == "trl-gc")
-    else:
-        res = worker_original(spec, weight, pad_to_max=impl == "padmax")
+    tally = SavedTally()
+    with track_saved(tally) if spec.get("memory") else contextlib.nullcontext():
+        if impl in ("rmkit", "rmkit-packed"):
+            res = worker_rmkit(dict(spec, packed_rule=impl == "rmkit-packed"), weight)
+        elif impl.startswith("trl"):
+            res = worker_trl(spec, checkpointing=impl == "trl-gc")
+        else:
+            res = worker_original(spec, weight, pad_to_max=impl == "padmax")
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if spec.get("memory"):
+        res.update(tally.largest())
     return res
 
 
@@ -543,6 +644,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="rmkit modes with torch.compile(dynamic=True) on the decoder (an experiment; rmkit does not compile)")
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler around each mode's timed steps: where the time goes (adds its overhead)")
+    p.add_argument("--memory", action="store_true",
+                   help="tally what autograd saves for backward in each micro-batch and print where the peak RSS "
+                        "goes: weights, gradients and AdamW states; the largest micro-batch's activations; the rest")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks.md"), help="append results here ('' = don't)")
@@ -615,7 +719,7 @@ def main(argv: list[str] | None = None) -> None:
                 spec = {"model": str(model), "data": str(data[stage]), "max_length": args.max_length,
                         "batch": args.batch, "micro": micro_of(mode), "warmup": args.warmup, "steps": steps,
                         "threads": args.threads, "imitation_weight": args.imitation_weight,
-                        "prefix_sharing": not args.no_prefix_sharing, "compile": args.compile, "profile": args.profile,
+                        "prefix_sharing": not args.no_prefix_sharing, "compile": args.compile, "profile": args.profile, "memory": args.memory,
                         "checkpoint_every": args.checkpoint_every,
                         "precision": precision, "tmp": tempfile.mkdtemp(dir=tmp),
                         "result": str(Path(tmp) / f"{mode.replace('/', '-')}-{rep}.json")}
@@ -680,6 +784,14 @@ def main(argv: list[str] | None = None) -> None:
         for cells in prof_rows:
             ptable.add_row(*cells)
         console.print(ptable)
+    mem_rows = memory_rows(runs, state_mb(model)) if args.memory else []
+    if mem_rows:
+        mtable = Table(title="where the peak memory goes (first repetition)")
+        for col in MEMORY_COLUMNS:
+            mtable.add_column(col, justify="left" if col == "mode" else "right")
+        for cells in mem_rows:
+            mtable.add_row(*cells)
+        console.print(mtable)
     if failed:
         console.print(f"[red]not written to {args.docs or 'docs'}: {', '.join(sorted(set(failed)))} failed[/]")
         sys.exit(1)
@@ -711,6 +823,11 @@ def main(argv: list[str] | None = None) -> None:
                       "time; the profiler's overhead is in this run's timings):", "",
                       "| " + " | ".join(PROFILE_COLUMNS) + " |", "|---|" + "---:|" * (len(PROFILE_COLUMNS) - 3) + "---|---:|",
                       *("| " + " | ".join(c) + " |" for c in prof_rows), ""]
+        if mem_rows:
+            lines += ["Where the peak memory goes (first repetition; activations = what autograd saved for backward in "
+                      "the micro-batch that saved the most, parameters excluded):", "",
+                      "| " + " | ".join(MEMORY_COLUMNS) + " |", "|---|" + "---:|" * (len(MEMORY_COLUMNS) - 1),
+                      *("| " + " | ".join(c) + " |" for c in mem_rows), ""]
         docs = Path(args.docs)
         docs.parent.mkdir(parents=True, exist_ok=True)
         with open(docs, "a", encoding="utf-8") as f:

@@ -68,3 +68,29 @@ def test_eval_bench_accuracy_carries_its_prompt_bootstrap_interval() -> None:
     assert ev.accuracy_cell([a, b], [[1.0, 0.0], [3.0, 2.0, 1.0]]) == "1.000 [1.000, 1.000]"
     # a's pair right, b's three wrong: 1 of 4; resamples draw {a, a}, {a, b} or {b, b}: 1, 1/4, 0
     assert ev.accuracy_cell([a, b], [[1.0, 0.0], [1.0, 2.0, 3.0]]) == "0.250 [0.000, 1.000]"
+
+
+def test_saved_tally_counts_what_each_micro_batch_keeps_for_backward() -> None:
+    """--memory: per backward, the bytes autograd saved (parameters excluded) and the positions
+    looked up, hand-counted; the patched functions are put back afterwards."""
+    import torch.nn.functional as F
+
+    real_backward, real_embedding = torch.Tensor.backward, F.embedding
+    w = torch.nn.Parameter(torch.ones(4, 3))
+    emb = torch.nn.Embedding(10, 4)
+    with tp.track_saved(tp.SavedTally()) as tally:
+        x = torch.randn(5, 4)  # no grad: mm keeps x (80 bytes) for w's gradient, not w
+        (x @ w).relu().sum().backward()  # relu keeps its [5, 3] result: 60 bytes
+        emb(torch.tensor([[1, 2, 3]])).sum().backward()  # embedding keeps its 3 int64 indices: 24 bytes
+        with torch.no_grad():
+            emb(torch.tensor([4, 5]))  # no grad: no positions
+        tally.close()
+    assert tally.micro_batches == [(140, 0), (24, 3)]
+    assert tally.largest() == {"saved_mb": 140 / 2**20, "saved_positions": 0}
+    assert torch.Tensor.backward is real_backward and F.embedding is real_embedding
+
+
+def test_memory_rows_split_the_peak() -> None:
+    runs = {"crft/rmkit": [{"peak_rss_mb": 4000.0, "saved_mb": 800.0, "saved_positions": 600}],
+            "crft/original": [{"peak_rss_mb": 3900.0}]}  # no tally: no row
+    assert tp.memory_rows(runs, 2000.0) == [["crft/rmkit", "4000", "2000", "800", "600", "1365", "1200"]]
