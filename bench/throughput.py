@@ -719,8 +719,8 @@ def main(argv: list[str] | None = None) -> None:
                 spec = {"model": str(model), "data": str(data[stage]), "max_length": args.max_length,
                         "batch": args.batch, "micro": micro_of(mode), "warmup": args.warmup, "steps": steps,
                         "threads": args.threads, "imitation_weight": args.imitation_weight,
-                        "prefix_sharing": not args.no_prefix_sharing, "compile": args.compile, "profile": args.profile, "memory": args.memory,
-                        "checkpoint_every": args.checkpoint_every,
+                        "prefix_sharing": not args.no_prefix_sharing, "compile": args.compile, "profile": args.profile,
+                        "memory": args.memory, "checkpoint_every": args.checkpoint_every,
                         "precision": precision, "tmp": tempfile.mkdtemp(dir=tmp),
                         "result": str(Path(tmp) / f"{mode.replace('/', '-')}-{rep}.json")}
                 spec_path = Path(spec["tmp"]) / "spec.json"
