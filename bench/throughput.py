@@ -184,6 +184,7 @@ def stop_profile(prof: Any) -> dict[str, Any]:
     ops = [(e.key, e.count, e.self_cpu_time_total / 1e6) for e in prof.key_averages()]
     return {"profile": sorted((o for o in ops if o[2] > 0), key=lambda o: -o[2])}
 
+
 class SavedTally:
     """What autograd keeps for backward in each micro-batch (a mode's activation memory):
     the bytes of every distinct storage the pack hook sees, parameters (leaves that require grad)
@@ -255,8 +256,6 @@ def state_mb(model_dir: Path) -> float:
 
 
 def autocast(precision: str) -> Any:
-    import contextlib
-
     import torch
 
     if precision == "bf16":
